@@ -1,0 +1,1 @@
+"""Stage three: spliced evaluations, model-diff analyses and report tables."""

@@ -1,0 +1,1 @@
+"""Stage one: tokens -> model forward passes -> normalized activations in a sharded Zarr store."""

@@ -1,0 +1,1 @@
+"""Stage two: shuffled, aligned loaders and SAE / crosscoder training from the store."""
