@@ -128,3 +128,53 @@ def build_fixture(directory: str | Path, archs=("llama",), n_docs: int = 200, se
             name = f"{arch}-s{seed}"
             models[name] = make_model(d / "models" / name, tok, arch, d_model, n_layers, seed)
     return {"corpus": files, "models": models, "tokenizer": tok}
+
+
+def write_smoke_config(directory: str | Path, fixture: dict, n_tokens: int = 16384,
+                       context_length: int = 64) -> Path:
+    """An experiment config over the fixture's models: the smallest real run of the pipeline."""
+    d = Path(directory)
+    models = "\n".join(
+        f'[[models]]\nname = "{name}"\npath = "{path.relative_to(d)}"\n'
+        for name, path in fixture["models"].items()
+    )
+    corpus = fixture["corpus"]
+    text = f'''# A tiny offline experiment: random-weight models, generated text.
+name = "smoke"
+store = "store"
+
+{models}
+[[hooks]]
+layer = 1
+site = "resid_post"
+
+[[hooks]]
+layer = 2
+site = "resid_pre"
+
+[tokens]
+context_length = {context_length}
+n_tokens = {n_tokens}
+validation_fraction = 0.1
+seed = 0
+
+[[tokens.sources]]
+kind = "text"
+paths = ["{corpus['text'].relative_to(d)}"]
+weight = 3
+
+[[tokens.sources]]
+kind = "jsonl"
+paths = ["{corpus['chat'].relative_to(d)}"]
+weight = 1
+
+[cache]
+storage_dtype = "bfloat16"
+chunk_tokens = 1024
+shard_tokens = 4096
+batch_size = 16
+scale_sample_tokens = 4096
+'''
+    path = d / "experiment.toml"
+    path.write_text(text)
+    return path

@@ -1,0 +1,157 @@
+"""`mdiff`: one command, a subcommand per stage. The Makefile targets call it.
+
+Errors a user can fix (bad config, missing checkpoint, incomplete store, ...) print one clear
+message and exit 2; a traceback means a bug in mdiff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NOT_BUILT = {
+    "train": "stage two (SAE and crosscoder training)",
+    "eval": "stage three (spliced evaluations and model-diff analyses)",
+    "report": "stage three's report tables",
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from . import config, models, store, tokens
+
+    return (config.ConfigError, store.StoreError, models.ModelLoadError,
+            models.UnsupportedModelError, models.TokenizerMismatchError,
+            tokens.TokenSourceError, FileNotFoundError)
+
+
+def _root_from_args(args):
+    from .config import load_config
+    from .store import StoreRoot
+
+    if args.store:
+        return StoreRoot(args.store), None
+    if not args.config:
+        raise SystemExit("error: give an experiment config or --store URL")
+    cfg = load_config(args.config)
+    return StoreRoot(cfg.store, cfg.storage_options), cfg
+
+
+def cmd_cache(args) -> int:
+    from .cache import run_cache
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    report = run_cache(cfg, progress=not args.no_progress)
+    print(f"token set {report.tokenset_id} ({'reused' if report.tokenset_reused else 'built'})")
+    for m in report.models:
+        for label, h in m.hooks.items():
+            print(f"  {m.name:<20} {label:<22} {h.status:<9} shards written {h.shards_written:>5}  "
+                  f"scale {h.scale:.6g}  {h.path}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from . import store as S
+
+    root, _ = _root_from_args(args)
+    root.ensure_format(create=False)
+    token_sets = S.list_token_sets(root)
+    arrays = S.list_activation_arrays(root)
+    if not token_sets and not arrays:
+        print(f"{root.url}: empty store")
+        return 0
+    print(f"store {root.url}")
+    for ts in token_sets:
+        ok = S.token_set_complete(root, ts)
+        print(f"  token set {ts}: {'complete' if ok else 'INCOMPLETE'}")
+    for path in arrays:
+        arr = S.open_activation_array(root, path)
+        done, total = arr.progress()
+        state = "complete" if arr.is_complete() else f"INCOMPLETE {done}/{total} shards"
+        print(f"  {path}: [{arr.n_rows:,} x {arr.array.shape[1]}] {arr.storage_dtype} "
+              f"scale {arr.scale:.6g}: {state} ({100 * done / total:.0f}%)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from tqdm.auto import tqdm
+
+    from . import store as S
+
+    root, _ = _root_from_args(args)
+    root.ensure_format(create=False)
+    paths = S.list_activation_arrays(root)
+    n_bad = 0
+    for path in paths:
+        arr = S.open_activation_array(root, path)
+        with tqdm(total=arr.n_rows, unit="row", unit_scale=True, desc=path.rsplit("/", 2)[-2],
+                  disable=args.no_progress) as bar:
+            bad = S.verify_array(arr, progress=bar)
+        done, total = arr.progress()
+        for b in bad:
+            print(f"BAD {b.path} chunk {b.chunk} rows {b.rows[0]}-{b.rows[1]}: {b.reason}")
+        n_bad += len(bad)
+        note = "" if done == total else f" (incomplete: {done}/{total} shards recorded)"
+        print(f"{'ok ' if not bad else 'BAD'} {path}{note}")
+    print(f"verified {len(paths)} array(s): {n_bad} bad chunk(s)")
+    return 1 if n_bad else 0
+
+
+def cmd_smoke(args) -> int:
+    """Build a tiny offline experiment (random-weight models, generated text) and cache it."""
+    from .tiny import build_fixture, write_smoke_config
+
+    directory = Path(args.directory)
+    fx = build_fixture(directory, archs=("llama",), seeds=(0, 1))
+    config_path = write_smoke_config(directory, fx)
+    print(f"wrote {config_path}")
+    args.config = str(config_path)
+    return cmd_cache(args)
+
+
+def cmd_not_built(args) -> int:
+    print(f"mdiff {args.command}: {NOT_BUILT[args.command]} is not built yet.", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdiff", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("cache", help="tokenize and cache normalized activations (resumable)")
+    c.add_argument("config", help="experiment config (.toml or .yaml)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_cache)
+
+    for name, func, helptext in [("status", cmd_status, "list stores and how complete they are"),
+                                 ("verify", cmd_verify, "decode every chunk and check its checksum")]:
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("config", nargs="?", help="experiment config (its store is used)")
+        s.add_argument("--store", help="store root (path or fsspec URL) instead of a config")
+        s.add_argument("--no-progress", action="store_true")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("smoke", help="offline smoke run: tiny random models, generated text")
+    s.add_argument("directory", nargs="?", default="runs/smoke")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_smoke)
+
+    for name, what in NOT_BUILT.items():
+        s = sub.add_parser(name, help=f"{what} (not built yet)")
+        s.add_argument("config", nargs="?")
+        s.set_defaults(func=cmd_not_built)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
