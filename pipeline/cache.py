@@ -11,6 +11,7 @@ import math
 import queue
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,7 @@ class ModelResult:
     name: str
     key: str
     hooks: dict[str, HookResult] = field(default_factory=dict)
+    compute_seconds: float = 0.0  # forward passes + writes of this process, load and scale excluded
 
 
 @dataclass
@@ -222,6 +224,7 @@ def cache_model(cfg: ExperimentConfig, spec: ModelSpec, root: S.StoreRoot, ts: S
     bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=spec.name,
                disable=not progress, dynamic_ncols=True)
     ctx = ts.context_length
+    t0 = time.perf_counter()
     try:
         with torch.inference_mode():
             for shard in mine:
@@ -239,6 +242,7 @@ def cache_model(cfg: ExperimentConfig, spec: ModelSpec, root: S.StoreRoot, ts: S
     finally:
         bar.close()
         writer.close()
+    result.compute_seconds = time.perf_counter() - t0
     dist.barrier()
     for h in pending:
         arr = arrays[h]
@@ -262,10 +266,10 @@ def run_cache(cfg: ExperimentConfig, log=print, progress: bool = True) -> CacheR
         M.preflight(m, cfg.hooks)
 
     fingerprint = M.tokenizer_fingerprint(tokenizer)
-    ts_id = T.token_set_id(cfg.tokens, fingerprint)
+    plan = T.plan_token_set(cfg.tokens)  # hashes the source files once
+    ts_id = T.token_set_id(cfg.tokens, fingerprint, plan.source_descriptions)
     reused = S.token_set_complete(root, ts_id)
     if not reused and dist.is_main:
-        plan = T.plan_token_set(cfg.tokens)
         log(f"token set {ts_id}: tokenizing {plan.n_tokens:,} tokens "
             f"({plan.n_sequences:,} sequences of {plan.context_length})")
         attrs = {
