@@ -138,7 +138,7 @@ def main() -> None:
         if rep == 0:
             root = S.StoreRoot(cfg.store)
             ts = S.open_token_set(root, report.tokenset_id)
-            device = C.resolve_device(cfg.models[0], C._Dist())
+            device = M.resolve_device(cfg.models[0].device)
             lm = M.load_model(cfg.models[0], device=device)
             arr = S.open_activation_array(root, report.models[0].hooks[f"layer{layer}.resid_post"].path)
         for mode in ("hidden_states", "stop_at_layer"):
@@ -154,7 +154,7 @@ def main() -> None:
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
         "setup": {"shape": args.shape, "layer": layer, "n_layers": n_layers, "tokens": n_tok,
-                  "context_length": args.ctx, "batch": args.batch, "compute_dtype": C.resolve_dtype(cfg.models[0], device),
+                  "context_length": args.ctx, "batch": args.batch, "compute_dtype": str(M.resolve_dtype(cfg.models[0].dtype, device)),
                   "storage_dtype": cfg.cache.storage_dtype, "compression": args.compression,
                   "repeats": args.repeats},
         "seconds": rows,

@@ -106,20 +106,6 @@ class _ShardWriter:
             raise self.error
 
 
-def resolve_device(spec: ModelSpec, dist: _Dist) -> torch.device:
-    if spec.device != "auto":
-        return torch.device(spec.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.state.local_process_index % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def resolve_dtype(spec: ModelSpec, device: torch.device) -> str:
-    if spec.dtype != "auto":
-        return spec.dtype
-    return "bfloat16" if device.type == "cuda" else "float32"
-
-
 def _batches(ts: S.TokenSet, seq_lo: int, seq_hi: int, batch_size: int):
     for lo in range(seq_lo, seq_hi, batch_size):
         hi = min(lo + batch_size, seq_hi)
@@ -170,8 +156,8 @@ def _array_attrs(cfg: ExperimentConfig, lm, hook: HookSpec, ts_id: str, scale: f
 
 def cache_model(cfg: ExperimentConfig, spec: ModelSpec, root: S.StoreRoot, ts: S.TokenSet,
                 dist: _Dist, log=print, progress: bool = True) -> tuple[ModelResult, int]:
-    device = resolve_device(spec, dist)
-    dtype = resolve_dtype(spec, device)
+    device = M.resolve_device(spec.device)
+    dtype = M.resolve_dtype(spec.dtype, device)
     identity = M.model_identity(spec, dtype)
     key = M.model_key(identity)
     result = ModelResult(spec.name, key)
@@ -188,7 +174,6 @@ def cache_model(cfg: ExperimentConfig, spec: ModelSpec, root: S.StoreRoot, ts: S
         return result, 0
 
     lm = M.load_model(spec, device=device)
-    M.check_hooks(lm, pending)
     structure = dict(n_rows=ts.n_sequences * ts.context_length, d_model=lm.d_model,
                      chunk_rows=cfg.cache.chunk_tokens, shard_rows=cfg.cache.shard_tokens,
                      storage_dtype=cfg.cache.storage_dtype, compression=cfg.cache.compression)
