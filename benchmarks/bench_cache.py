@@ -166,7 +166,41 @@ def main() -> None:
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    write_section(Path(args.out), "cache", render(result))
+    print(render(result))
+
+
+def render(r: dict) -> str:
+    m, s, t = r["machine"], r["setup"], r["tokens_per_s"]
+    where = m["gpu"] or f"CPU, {m['cpu_count']} cores, {m['threads']} torch threads"
+    return f"""## Stage one: caching vs plain forwards
+
+Machine: {where}; {m['platform']}; torch {m['torch']}.
+Model: {s['shape']} shape, random weights, hook layer {s['layer']} of {s['n_layers']} (resid_post);
+{s['tokens']:,} tokens in sequences of {s['context_length']}, batch {s['batch']}, compute {s['compute_dtype']},
+stored as {s['storage_dtype']} ({s['compression']} compression). Median of {s['repeats']} interleaved runs.
+
+| what | tokens/s | ratio of caching to it | target |
+|---|---:|---:|---|
+| caching job (forward to the layer, scale, encode, Zarr write, records) | {t['cache']:,.0f} | 1.00 | |
+| (a) full forward with `output_hidden_states=True` | {t['hidden_states']:,.0f} | {r['ratio_vs_hidden_states']:.2f} | >= 1.5 |
+| (b) forward stopped at the layer, nothing written | {t['stop_at_layer']:,.0f} | {r['ratio_vs_stop_at_layer']:.2f} | >= 0.9 |
+
+Stored bytes per token: {r['stored_bytes_per_token']:,.1f} (raw bfloat16: {r['raw_bf16_bytes_per_token']:,.0f}; the
+difference is the shard index). Raw figures: `benchmarks/cache.json`. Reproduce: `make bench`.
+"""
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace this benchmark's section of BENCHMARKS.md, keeping the others."""
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `make bench`.\n"
+    block = f"{begin}\n{body}{end}\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
 
 
 if __name__ == "__main__":
