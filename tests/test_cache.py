@@ -249,9 +249,12 @@ def test_two_processes_equal_one(tmp_path, fx):
     one = write_config(tmp_path / "one" / "exp.toml", fx, n_tokens=2048)
     subprocess.run(_cache_cmd(one), check=True, env=_env(), capture_output=True)
     two = write_config(tmp_path / "two" / "exp.toml", fx, n_tokens=2048)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29500 + os.getpid() % 1000), "-m", "pipeline.cli", "cache",
-           str(two), "--no-progress"]
+    # what the README says to run; --multi_gpu is accelerate's name for "N local processes",
+    # which without a GPU run on the CPU with the gloo backend
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29500 + os.getpid() % 1000),
+           "-m", "pipeline.cli", "cache", str(two), "--no-progress"]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert store_bytes(tmp_path / "two" / "store") == store_bytes(tmp_path / "one" / "store")
