@@ -185,12 +185,8 @@ def cache_model(cfg: ExperimentConfig, spec: ModelSpec, root: S.StoreRoot, ts: S
                                       attrs=_array_attrs(cfg, lm, h, ts.id, scales[h]))
     dist.barrier()
     arrays = {h: S.open_activation_array(root, paths[h]) for h in pending}
-    for h, arr in arrays.items():
-        differ = {k: v for k, v in structure.items() if arr.attrs.get(k) != v}
-        if differ:
-            raise S.StoreMismatchError(
-                f"{root.url}/{arr.path} exists with other [cache] settings than {differ}; "
-                "use the stored settings or another store root")
+    for arr in arrays.values():
+        arr.check_structure(structure)
         if dist.is_main:
             arr.remove_stale_partials()
 

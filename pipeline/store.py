@@ -248,9 +248,6 @@ def open_token_set(root: StoreRoot, tokenset_id: str) -> TokenSet:
 
 
 # -- activation arrays ---------------------------------------------------------------------------
-_STRUCTURE = ("n_rows", "d_model", "chunk_rows", "shard_rows", "storage_dtype", "compression")
-
-
 @dataclass
 class ActivationArray:
     """One [n_tokens, d_model] array of normalized activations and its completion records."""
@@ -287,6 +284,16 @@ class ActivationArray:
     def shard_rows_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_rows
         return start, min(start + self.shard_rows, self.n_rows)
+
+    def check_structure(self, structure: dict) -> None:
+        """Refuse to add rows made with other settings to an existing array."""
+        differ = {k: (self.attrs.get(k), v) for k, v in structure.items() if self.attrs.get(k) != v}
+        if differ:
+            detail = ", ".join(f"{k}: stored {a!r}, asked {b!r}" for k, (a, b) in differ.items())
+            raise StoreMismatchError(
+                f"{self.root.url}/{self.path} exists with other parameters ({detail}). Use the "
+                f"stored settings in the config's [cache] section, or another store root."
+            )
 
     # completion ---------------------------------------------------------------------------------
     def done_shards(self) -> set[int]:
@@ -394,13 +401,7 @@ def create_activation_array(root: StoreRoot, path: str, *, n_rows: int, d_model:
     except zarr.errors.ContainsArrayError:
         pass
     arr = open_activation_array(root, path)
-    differ = {k: (arr.attrs.get(k), v) for k, v in structure.items() if arr.attrs.get(k) != v}
-    if differ:
-        detail = ", ".join(f"{k}: stored {a!r}, asked {b!r}" for k, (a, b) in differ.items())
-        raise StoreMismatchError(
-            f"{root.url}/{path} exists with other parameters ({detail}). Use the stored "
-            f"settings in the config's [cache] section, or another store root."
-        )
+    arr.check_structure(structure)
     return arr
 
 
