@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import experiment as E
 from . import models as M
 from . import store as S
 from . import tokens as T
@@ -239,16 +240,10 @@ def run_cache(cfg: ExperimentConfig, log=print, progress: bool = True) -> CacheR
     dist = _Dist()
     root = S.StoreRoot(cfg.store, cfg.storage_options)
     root.ensure_format(create=dist.is_main)
-    tok_name = cfg.tokens.tokenizer or cfg.models[0].name
-    tokenizers = [(m.name, M.load_tokenizer(m)) for m in cfg.models]
-    M.check_same_tokenizer(tokenizers)
-    tokenizer = dict(tokenizers)[tok_name]
+    ref = E.resolve_token_set(cfg)
     for m in cfg.models:  # refuse bad hooks before any work
         M.preflight(m, cfg.hooks)
-
-    fingerprint = M.tokenizer_fingerprint(tokenizer)
-    plan = T.plan_token_set(cfg.tokens)  # hashes the source files once
-    ts_id = T.token_set_id(cfg.tokens, fingerprint, plan.source_descriptions)
+    ts_id, plan, tokenizer = ref.id, ref.plan, ref.tokenizer
     reused = S.token_set_complete(root, ts_id)
     if not reused and dist.is_main:
         log(f"token set {ts_id}: tokenizing {plan.n_tokens:,} tokens "
@@ -257,8 +252,8 @@ def run_cache(cfg: ExperimentConfig, log=print, progress: bool = True) -> CacheR
             "spec": dump_config(cfg)["tokens"],
             "sources": plan.source_descriptions,
             "source_counts": list(plan.counts),
-            "tokenizer_fingerprint": fingerprint,
-            "tokenizer_from": tok_name,
+            "tokenizer_fingerprint": ref.fingerprint,
+            "tokenizer_from": ref.tokenizer_from,
             "context_length": plan.context_length,
             "n_sequences": plan.n_sequences,
             "n_train_sequences": plan.n_train_sequences,
