@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 NOT_BUILT = {
-    "train": "stage two (SAE and crosscoder training)",
     "eval": "stage three (spliced evaluations and model-diff analyses)",
     "report": "stage three's report tables",
 }
@@ -48,6 +47,17 @@ def cmd_cache(args) -> int:
         for label, h in m.hooks.items():
             print(f"  {m.name:<20} {label:<22} {h.status:<9} shards written {h.shards_written:>5}  "
                   f"scale {h.scale:.6g}  {h.path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from trainer.train import run_train
+
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    report = run_train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"dictionaries and metrics.jsonl in {report.out_dir}")
     return 0
 
 
@@ -99,15 +109,16 @@ def cmd_verify(args) -> int:
 
 
 def cmd_smoke(args) -> int:
-    """Build a tiny offline experiment (random-weight models, generated text) and cache it."""
+    """Build a tiny offline experiment (random-weight models, generated text), cache and train it."""
     from .tiny import build_fixture, write_smoke_config
 
     directory = Path(args.directory)
-    fx = build_fixture(directory, archs=("llama",), seeds=(0, 1))
+    fx = build_fixture(directory, archs=("llama",), seeds=(0, 1), n_docs=2500)
     config_path = write_smoke_config(directory, fx)
     print(f"wrote {config_path}")
     args.config = str(config_path)
-    return cmd_cache(args)
+    args.resume = False
+    return cmd_cache(args) or cmd_train(args)
 
 
 def cmd_not_built(args) -> int:
@@ -123,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", help="experiment config (.toml or .yaml)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_cache)
+
+    t = sub.add_parser("train", help="train the [train] section's SAEs / crosscoders in lockstep")
+    t.add_argument("config", help="experiment config with a [train] section")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
 
     for name, func, helptext in [("status", cmd_status, "list stores and how complete they are"),
                                  ("verify", cmd_verify, "decode every chunk and check its checksum")]:

@@ -130,51 +130,85 @@ def build_fixture(directory: str | Path, archs=("llama",), n_docs: int = 200, se
     return {"corpus": files, "models": models, "tokenizer": tok}
 
 
-def write_smoke_config(directory: str | Path, fixture: dict, n_tokens: int = 16384,
-                       context_length: int = 64) -> Path:
-    """An experiment config over the fixture's models: the smallest real run of the pipeline."""
-    d = Path(directory)
-    models = "\n".join(
-        f'[[models]]\nname = "{name}"\npath = "{path.relative_to(d)}"\n'
-        for name, path in fixture["models"].items()
-    )
+def write_config(path: str | Path, fixture: dict, *, models=None, store: str = "store",
+                 n_tokens: int = 1024, context_length: int = 16,
+                 hooks=((1, "resid_post"), (2, "resid_pre")), storage_dtype: str = "bfloat16",
+                 chunk_tokens: int = 64, shard_tokens: int = 256, batch_size: int = 8,
+                 scale_sample_tokens: int = 256, extra_models: str = "", name: str = "exp",
+                 train: str = "") -> Path:
+    """An experiment config over the fixture's models and corpus (3:1 prose and chats).
+
+    Paths are written absolute, so the file can live anywhere; `train` is an optional [train]
+    section in TOML, appended as given.
+    """
+    path = Path(path)
+    names = list(models or fixture["models"])
+    model_blocks = "".join(
+        f'[[models]]\nname = "{m}"\npath = "{fixture["models"][m]}"\n\n' for m in names)
+    hook_blocks = "".join(f'[[hooks]]\nlayer = {layer}\nsite = "{site}"\n\n' for layer, site in hooks)
     corpus = fixture["corpus"]
-    text = f'''# A tiny offline experiment: random-weight models, generated text.
-name = "smoke"
-store = "store"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'''name = "{name}"
+store = "{store}"
 
-{models}
-[[hooks]]
-layer = 1
-site = "resid_post"
-
-[[hooks]]
-layer = 2
-site = "resid_pre"
-
+{model_blocks}{extra_models}
+{hook_blocks}
 [tokens]
 context_length = {context_length}
 n_tokens = {n_tokens}
-validation_fraction = 0.1
-seed = 0
+validation_fraction = 0.125
+seed = 3
 
 [[tokens.sources]]
 kind = "text"
-paths = ["{corpus['text'].relative_to(d)}"]
+paths = ["{corpus["text"]}"]
 weight = 3
 
 [[tokens.sources]]
 kind = "jsonl"
-paths = ["{corpus['chat'].relative_to(d)}"]
+paths = ["{corpus["chat"]}"]
 weight = 1
 
 [cache]
-storage_dtype = "bfloat16"
-chunk_tokens = 1024
-shard_tokens = 4096
-batch_size = 16
-scale_sample_tokens = 4096
-'''
-    path = d / "experiment.toml"
-    path.write_text(text)
+storage_dtype = "{storage_dtype}"
+chunk_tokens = {chunk_tokens}
+shard_tokens = {shard_tokens}
+batch_size = {batch_size}
+scale_sample_tokens = {scale_sample_tokens}
+{train}''')
     return path
+
+
+SMOKE_TRAIN = """
+[train]
+hook = "layer1.resid_post"
+batch_size = 512
+steps = 200
+lr = 1e-3
+lr_warmup_steps = 20
+log_every = 20
+eval_every = 100
+checkpoint_every = 100
+buffer_tokens = 4096
+
+[[train.dictionaries]]
+name = "batchtopk-k8"
+architecture = "batchtopk"
+n_latents = 512
+k = 8
+
+[[train.dictionaries]]
+name = "relu-l1"
+architecture = "relu"
+n_latents = 512
+l1_coefficient = 0.3
+l1_warmup_steps = 50
+"""
+
+
+def write_smoke_config(directory: str | Path, fixture: dict) -> Path:
+    """The smallest real run of the whole pipeline: two tiny models, a crosscoder sweep of two."""
+    d = Path(directory)
+    return write_config(d / "experiment.toml", fixture, store=str(d / "store"), n_tokens=32768,
+                        context_length=64, chunk_tokens=1024, shard_tokens=4096, batch_size=16,
+                        scale_sample_tokens=4096, name="smoke", train=SMOKE_TRAIN)

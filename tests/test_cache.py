@@ -21,6 +21,7 @@ from pipeline import store as S
 from pipeline.cli import main as cli_main
 from pipeline.config import HookSpec, load_config
 from pipeline.tiny import build_fixture, make_model, make_tokenizer
+from pipeline.tiny import write_config as tiny_write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,42 +33,10 @@ def fx(tmp_path_factory):
                          d_model=32, n_layers=3)
 
 
-def write_config(path: Path, fx, models=("llama-s0", "llama-s1"), store="store", n_tokens=1024,
-                 ctx=16, hooks=((1, "resid_post"), (2, "resid_pre")), storage_dtype="bfloat16",
-                 chunk=64, shard=256, batch=8, extra_models="", name="exp") -> Path:
-    model_blocks = "".join(
-        f'[[models]]\nname = "{m}"\npath = "{fx["models"][m]}"\n\n' for m in models)
-    hook_blocks = "".join(f'[[hooks]]\nlayer = {layer}\nsite = "{site}"\n\n' for layer, site in hooks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'''name = "{name}"
-store = "{store}"
-
-{model_blocks}{extra_models}
-{hook_blocks}
-[tokens]
-context_length = {ctx}
-n_tokens = {n_tokens}
-validation_fraction = 0.125
-seed = 3
-
-[[tokens.sources]]
-kind = "text"
-paths = ["{fx["corpus"]["text"]}"]
-weight = 3
-
-[[tokens.sources]]
-kind = "jsonl"
-paths = ["{fx["corpus"]["chat"]}"]
-weight = 1
-
-[cache]
-storage_dtype = "{storage_dtype}"
-chunk_tokens = {chunk}
-shard_tokens = {shard}
-batch_size = {batch}
-scale_sample_tokens = 256
-''')
-    return path
+def write_config(path: Path, fx, models=("llama-s0", "llama-s1"), ctx=16, chunk=64, shard=256,
+                 batch=8, **kw) -> Path:
+    return tiny_write_config(path, fx, models=models, context_length=ctx, chunk_tokens=chunk,
+                             shard_tokens=shard, batch_size=batch, **kw)
 
 
 def run(cfg_path, **kw):

@@ -1,0 +1,27 @@
+"""Step -> hyperparameter schedules. Pure functions of the step, so a resumed run follows the same
+curve without any saved schedule state."""
+
+from __future__ import annotations
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, decay_fraction: float) -> float:
+    """Linear warmup from 0, flat, then linear decay to 0 over the final `decay_fraction`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = int(steps * decay_fraction)
+    decay_start = steps - decay_steps
+    if decay_steps > 0 and step >= decay_start:
+        return max(0.0, (steps - step) / decay_steps)
+    return 1.0
+
+
+def ramp(step: int, span: int, start: float, end: float) -> float:
+    """Linear move from `start` to `end` over `span` steps, then `end`."""
+    if span <= 0 or step >= span:
+        return end
+    return start + (end - start) * step / span
+
+
+def k_at(step: int, k: int, k_start: int | None, span: int) -> int:
+    """The k schedule: from k_start (default k) to k, rounded to a whole number of latents."""
+    return max(1, round(ramp(step, span, k if k_start is None else k_start, k)))

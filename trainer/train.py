@@ -1,0 +1,276 @@
+"""Training loop: one pass over the store feeds every dictionary of a sweep in lockstep.
+
+Read top to bottom: set up (arrays, loaders, dictionaries, optimizers), maybe resume, then for
+each step one batch is read and every dictionary takes one Adam step on it. A sweep of six
+therefore reads the data once, not six times.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import experiment as E
+from pipeline import models as M
+from pipeline import store as S
+from pipeline.config import ConfigError, DictionarySpec, ExperimentConfig, TrainSpec, dump_config
+
+from . import checkpoint as ckpt
+from .dictionaries import Dictionary, build_dictionary
+from .loader import ActivationLoader
+from .resample import resample_dead_
+from .schedules import k_at, lr_factor, ramp
+
+
+@dataclass
+class Member:
+    """One dictionary of the sweep with its optimizer and dead-latent counters."""
+
+    spec: DictionarySpec
+    model: Dictionary
+    opt: torch.optim.Optimizer
+    base_lr: float
+    tokens_since_fired: torch.Tensor
+    sums: dict[str, float] = field(default_factory=dict)
+    n_summed: int = 0
+
+    def dead_mask(self, dead_after: int) -> torch.Tensor:
+        return self.tokens_since_fired >= dead_after
+
+
+@dataclass
+class TrainReport:
+    out_dir: Path
+    steps: int
+    resumed_from: int | None
+    dictionaries: dict[str, dict]  # name -> final validation metrics
+
+
+def _uses_k(spec: DictionarySpec) -> bool:
+    return spec.architecture in ("topk", "batchtopk")
+
+
+def _step_knobs(spec: DictionarySpec, step: int) -> dict:
+    knobs = {}
+    if _uses_k(spec):
+        knobs["k"] = k_at(step, spec.k, spec.k_start, spec.k_schedule_steps)
+    if spec.architecture == "relu":
+        knobs["l1_coefficient"] = ramp(step, spec.l1_warmup_steps, 0.0, spec.l1_coefficient)
+    return knobs
+
+
+def _open_arrays(cfg: ExperimentConfig, train: TrainSpec):
+    root = S.StoreRoot(cfg.store, cfg.storage_options)
+    root.ensure_format(create=False)
+    ref = E.resolve_token_set(cfg)
+    ts = S.open_token_set(root, ref.id)
+    hook = E.hook_by_label(cfg, train.hook)
+    names = train.models or [m.name for m in cfg.models]
+    arrays = [E.find_array(root, ref.id, cfg.model(n), hook, cfg.source_file) for n in names]
+    return root, ts, hook, names, arrays
+
+
+def _loader(arrays, ts, train: TrainSpec, split: str, device) -> ActivationLoader:
+    return ActivationLoader(arrays, ts, split=split, batch_size=train.batch_size, seed=train.seed,
+                            buffer_tokens=train.buffer_tokens, read_threads=train.read_threads,
+                            reader=train.reader, include_first_position=train.include_first_position,
+                            device=device)
+
+
+def _new_member(spec: DictionarySpec, train: TrainSpec, n_models: int, d_model: int,
+                scales: list[float], device) -> Member:
+    model = build_dictionary(spec, n_models, d_model, scales).to(device)
+    base_lr = spec.lr or train.lr
+    opt = torch.optim.Adam(model.parameters(), lr=base_lr, betas=(0.9, 0.999))
+    counters = torch.zeros(spec.n_latents, dtype=torch.long, device=device)
+    return Member(spec, model, opt, base_lr, counters)
+
+
+def _train_step(m: Member, x: torch.Tensor, step: int, train: TrainSpec) -> None:
+    for group in m.opt.param_groups:
+        group["lr"] = m.base_lr * lr_factor(step, train.steps, train.lr_warmup_steps,
+                                            train.lr_decay_fraction)
+    dead = m.dead_mask(train.dead_after_tokens)
+    loss, terms = m.model.loss(x, dead_mask=dead, **_step_knobs(m.spec, step))
+    m.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    m.model.remove_parallel_grads_()
+    if train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(m.model.parameters(), train.grad_clip)
+    m.opt.step()
+    m.model.constrain_()
+    with torch.no_grad():
+        fired = (terms["f"] > 0).any(dim=0)
+        m.tokens_since_fired += x.shape[0]
+        m.tokens_since_fired[fired] = 0
+        every = m.spec.resample_dead_every
+        if every and (step + 1) % every == 0:
+            resample_dead_(m.model, m.opt, m.dead_mask(train.dead_after_tokens), x,
+                           seed=(m.spec.seed, step))
+            m.tokens_since_fired[m.dead_mask(train.dead_after_tokens)] = 0
+    m.sums["loss"] = m.sums.get("loss", 0.0) + loss.item()
+    for name, value in terms.items():
+        if name != "f":
+            m.sums[name] = m.sums.get(name, 0.0) + float(value)
+    m.n_summed += 1
+
+
+@torch.no_grad()
+def evaluate(model: Dictionary, loader: ActivationLoader, n_batches: int) -> dict[str, float]:
+    """Validation metrics with inference semantics (BatchTopK uses its learned threshold)."""
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
+            break
+        _, terms = model.loss(batch.float())
+        for name, value in terms.items():
+            if name != "f":
+                sums[name] = sums.get(name, 0.0) + float(value)
+        n += 1
+    model.train()
+    return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+class _MetricsLog:
+    """metrics.jsonl, plus wandb when asked for and installed. A resumed run first drops the lines
+    written after its checkpoint, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None, wandb_project: str | None, run_name: str):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(f"{line}\n" for line in kept))
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=wandb_project, name=run_name, resume="allow")
+            except ImportError:
+                print("wandb_project is set but wandb is not installed; logging to metrics.jsonl only")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"{record['dictionary']}/{k}": v for k, v in record.items()
+                            if isinstance(v, (int, float))}, step=record["step"])
+
+
+def _checkpoint_parts(members: list[Member]) -> dict[str, dict]:
+    parts = {}
+    for m in members:
+        opt_tensors, opt_meta = ckpt.optimizer_tensors(m.opt)
+        parts[m.spec.name] = {
+            "tensors": {"dictionary": dict(m.model.state_dict()), "optimizer": opt_tensors,
+                        "counters": {"tokens_since_fired": m.tokens_since_fired}},
+            "json": {"optimizer": opt_meta},
+        }
+    return parts
+
+
+def _restore(members: list[Member], checkpoint: Path, device) -> None:
+    for m in members:
+        tensors, meta = ckpt.load_part(checkpoint, m.spec.name)
+        m.model.load_state_dict(tensors["dictionary"])
+        ckpt.load_optimizer(m.opt, {k: v.to(device) for k, v in tensors["optimizer"].items()},
+                            meta["optimizer"])
+        m.tokens_since_fired.copy_(tensors["counters"]["tokens_since_fired"].to(device))
+
+
+def _postfix(members: list[Member]) -> str:
+    parts = []
+    for m in members[:3]:
+        n = max(m.n_summed, 1)
+        parts.append(f"{m.spec.name}: fvu {m.sums.get('fvu', 0) / n:.3f} "
+                     f"L0 {m.sums.get('l0', 0) / n:.1f}")
+    return " | ".join(parts) + (" | ..." if len(members) > 3 else "")
+
+
+def run_train(cfg: ExperimentConfig, resume: bool = False, log=print, progress: bool = True
+              ) -> TrainReport:
+    if cfg.train is None:
+        raise ConfigError(cfg.source_file or "<config>",
+                          ["train: missing (add a [train] section with at least one "
+                           "[[train.dictionaries]] entry; see README)"])
+    train = cfg.train
+    torch.manual_seed(train.seed)
+    device = M.resolve_device(train.device)
+    out = Path(train.out_dir)
+    root, ts, hook, names, arrays = _open_arrays(cfg, train)
+    d_model = arrays[0].array.shape[1]
+    scales = [a.scale for a in arrays]
+    loader = _loader(arrays, ts, train, "train", device)
+    val_loader = _loader(arrays, ts, train, "validation", device)
+    members = [_new_member(s, train, len(arrays), d_model, scales, device) for s in train.dictionaries]
+
+    start, resumed_from = 0, None
+    checkpoint = ckpt.latest_checkpoint(out / "checkpoints") if resume else None
+    if resume and checkpoint is None:
+        log(f"--resume: no checkpoint under {out / 'checkpoints'}; starting from step 0")
+    if checkpoint is not None:
+        state = ckpt.trainer_state(checkpoint)
+        _restore(members, checkpoint, device)
+        loader.load_state_dict(state["loader"])
+        start = resumed_from = state["step"]
+        log(f"resuming from {checkpoint} (step {start} of {train.steps})")
+    kind = "SAE" if len(arrays) == 1 else f"{len(arrays)}-model crosscoder"
+    log(f"training {len(members)} {kind}(s) in lockstep on {hook.label} of {', '.join(names)}: "
+        f"{train.steps} steps x {train.batch_size} tokens, device {device}")
+
+    metrics = _MetricsLog(out / "metrics.jsonl", resumed_from, train.wandb_project, cfg.name)
+    meta = {
+        "experiment": cfg.name, "store": root.url, "tokenset_id": ts.id, "hook": hook.label,
+        "models": names, "model_keys": [a.attrs["model_key"] for a in arrays],
+        "arrays": [a.path for a in arrays],
+        "train": dump_config(cfg)["train"],
+    }
+    batches = iter(loader)
+    bar = tqdm(total=train.steps, initial=start, unit="step", disable=not progress,
+               dynamic_ncols=True, desc="train")
+    final: dict[str, dict] = {}
+    for step in range(start, train.steps):
+        x = next(batches).float()
+        for m in members:
+            _train_step(m, x, step, train)
+        done = step + 1
+        bar.update(1)
+        if done % train.log_every == 0 or done == train.steps:
+            bar.set_postfix_str(_postfix(members))
+            for m in members:
+                n_dead = int(m.dead_mask(train.dead_after_tokens).sum())
+                record = {"step": done, "dictionary": m.spec.name, "tokens": done * train.batch_size,
+                          "lr": m.opt.param_groups[0]["lr"], "dead": n_dead,
+                          **{k: v / m.n_summed for k, v in m.sums.items()},
+                          **_step_knobs(m.spec, step)}
+                metrics.write(record)
+                m.sums, m.n_summed = {}, 0
+        if done % train.eval_every == 0 or done == train.steps:
+            for m in members:
+                val = evaluate(m.model, val_loader, train.eval_batches)
+                metrics.write({"step": done, "dictionary": m.spec.name, **val})
+                final[m.spec.name] = val
+        if done % train.checkpoint_every == 0 or done == train.steps:
+            ckpt.save_checkpoint(out / "checkpoints", done, _checkpoint_parts(members),
+                                 {"loader": loader.state_dict()})
+    bar.close()
+
+    for m in members:
+        n_dead = int(m.dead_mask(train.dead_after_tokens).sum())
+        m.model.save(out / m.spec.name, {**meta, "name": m.spec.name, "steps": train.steps,
+                                         "dead_latents": n_dead, "final_metrics": final.get(m.spec.name, {})})
+        log(f"  {m.spec.name}: saved to {out / m.spec.name}  "
+            + "  ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in final.get(m.spec.name, {}).items()
+                        if "/" not in k.removeprefix("val/")))
+    return TrainReport(out, train.steps, resumed_from, final)
+
