@@ -117,8 +117,9 @@ def make_model(directory: str | Path, tokenizer, arch: str = "llama", d_model: i
 
 def build_fixture(directory: str | Path, archs=("llama",), n_docs: int = 200, seeds=(0,),
                   d_model: int = 64, n_layers: int = 4) -> dict:
-    """Corpus + tokenizer + one model per (arch, seed): everything a smoke run needs."""
-    d = Path(directory)
+    """Corpus + tokenizer + one model per (arch, seed): everything a smoke run needs.
+    Paths come back absolute, so configs that name them work from any directory."""
+    d = Path(directory).resolve()
     files = make_corpus(d / "corpus", n_docs=n_docs)
     texts = files["text"].read_text().split("\n\n")
     tok = make_tokenizer(texts)
@@ -181,6 +182,7 @@ scale_sample_tokens = {scale_sample_tokens}
 
 SMOKE_TRAIN = """
 [train]
+out_dir = "train"
 hook = "layer1.resid_post"
 batch_size = 512
 steps = 200
@@ -208,7 +210,7 @@ l1_warmup_steps = 50
 
 def write_smoke_config(directory: str | Path, fixture: dict) -> Path:
     """The smallest real run of the whole pipeline: two tiny models, a crosscoder sweep of two."""
-    d = Path(directory)
+    d = Path(directory).resolve()
     return write_config(d / "experiment.toml", fixture, store=str(d / "store"), n_tokens=32768,
                         context_length=64, chunk_tokens=1024, shard_tokens=4096, batch_size=16,
                         scale_sample_tokens=4096, name="smoke", train=SMOKE_TRAIN)
