@@ -54,8 +54,13 @@ smoke: demo
 test: setup
 	$(BIN)/python -m pytest
 
+# Each benchmark rewrites its own section of BENCHMARKS.md and a JSON file of raw figures.
+# The training comparison runs in a separate environment holding the peer toolkits.
 bench: setup
 	$(BIN)/python benchmarks/bench_cache.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/bench_loader.py
+	bash benchmarks/peer_env.sh
+	.venv-peers/bin/python benchmarks/bench_train.py
 
 clean:
 	rm -rf runs/smoke .pytest_cache
