@@ -140,6 +140,31 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class TokenClassSpec:
+    """A named set of token positions, for per-class latent statistics (e.g. chat-template tokens)."""
+
+    name: str
+    kind: Literal["tokens", "regex", "special"]  # listed token strings | regex on the decoded token | special tokens
+    values: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    dictionaries: list[str] = field(default_factory=list)  # names from [train]; default: all
+    n_sequences: int = 256  # validation sequences spliced per model
+    batch_size: int = 8  # sequences per forward pass
+    specific_below: float = 0.1  # 2 models: relative norm below this -> specific to the first model
+    specific_above: float = 0.9  # ... above this -> specific to the second model
+    shared_band: list[float] = field(default_factory=lambda: [0.3, 0.7])  # relative norm -> shared
+    top_latents: int = 50  # latents shown in the HTML page and the CSV
+    contexts_per_latent: int = 8  # top-activating text snippets per latent
+    context_tokens: int = 12  # tokens of context on each side of a snippet's token
+    token_classes: list[TokenClassSpec] = field(default_factory=list)
+    out_dir: str | None = None  # default: <train.out_dir>/eval
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     store: str  # local directory or any fsspec URL (s3://bucket/prefix, memory://x, ...)
@@ -148,6 +173,7 @@ class ExperimentConfig:
     tokens: TokenSpec
     cache: CacheSpec = field(default_factory=CacheSpec)
     train: TrainSpec | None = None
+    eval: EvalSpec | None = None
     storage_options: dict = field(default_factory=dict)  # passed to fsspec for remote stores
     # set by the loader: where this config came from; never read from the file itself
     source_file: str | None = field(default=None, metadata={"loader_only": True})
@@ -491,6 +517,37 @@ def _check_train_against_experiment(train: TrainSpec, values: dict, where: str,
                         "[one model] for an SAE")
 
 
+def _check_eval(values: dict, where: str, errors: list[str]) -> None:
+    for key, minimum, why in [("n_sequences", 1, "validation sequences to splice; use e.g. 256"),
+                              ("batch_size", 1, "sequences per forward pass"),
+                              ("top_latents", 1, "latents listed in the page and CSV"),
+                              ("contexts_per_latent", 1, "snippets per latent"),
+                              ("context_tokens", 0, "tokens of context each side")]:
+        _check_size(values, key, where, errors, minimum, why)
+    lo, hi = values.get("specific_below"), values.get("specific_above")
+    if lo is not None and hi is not None and not 0 <= lo < hi <= 1:
+        problem(errors, join_key(where, "specific_below"), f"{lo} and specific_above {hi}",
+                "need 0 <= specific_below < specific_above <= 1 (relative decoder norms lie in [0, 1])")
+    band = values.get("shared_band")
+    if band is not None and not (len(band) == 2 and 0 <= band[0] < band[1] <= 1):
+        problem(errors, join_key(where, "shared_band"), f"is {band}", "give [low, high] with 0 <= low < high <= 1")
+
+
+def _check_token_class(values: dict, where: str, errors: list[str]) -> None:
+    if "name" in values:
+        _check_name(values["name"], join_key(where, "name"), errors, "token class")
+    if values.get("kind") in ("tokens", "regex") and not values.get("values"):
+        problem(errors, join_key(where, "values"), f"is empty for kind {show(values['kind'])}",
+                "list the token strings (kind tokens) or one regex (kind regex)")
+    if values.get("kind") == "regex":
+        for i, v in enumerate(values.get("values") or []):
+            try:
+                re.compile(v)
+            except re.error as e:
+                problem(errors, f"{join_key(where, 'values')}[{i}]", f"is not a valid regex ({e})",
+                        "fix the pattern (Python re syntax)")
+
+
 def _check_experiment(values: dict, where: str, errors: list[str], *, base_dir: str) -> None:
     if "name" in values:
         _check_name(values["name"], join_key(where, "name"), errors, "experiment")
@@ -503,6 +560,18 @@ def _check_experiment(values: dict, where: str, errors: list[str], *, base_dir: 
         _check_tokenizer(values["tokens"], values["models"], join_key(where, "tokens.tokenizer"), errors)
     if "cache" in values:
         _check_shards(values["cache"], values.get("tokens"), join_key(where, "cache"), errors)
+    if values.get("eval") is not None:
+        ev = values["eval"]
+        names = [d.name for d in values["train"].dictionaries] if values.get("train") else []
+        if not values.get("train"):
+            problem(errors, join_key(where, "eval"), "needs a [train] section",
+                    "add [train] with the dictionaries to evaluate")
+        for i, n in enumerate(ev.dictionaries):
+            if names and n not in names:
+                problem(errors, f"{join_key(where, 'eval.dictionaries')}[{i}]",
+                        f"{show(n)} is not a [[train.dictionaries]] name", f"use one of {', '.join(map(show, names))}")
+        if ev.out_dir is not None:
+            values["eval"] = dataclasses.replace(ev, out_dir=_absolute(ev.out_dir, base_dir))
     if values.get("train") is not None:
         _check_train_against_experiment(values["train"], values, join_key(where, "train"), errors)
         if values["train"].out_dir is None and values.get("name"):
@@ -621,6 +690,8 @@ def _experiment_rules(base_dir: str) -> Rules:
             CacheSpec: _check_cache,
             TrainSpec: _check_train,
             DictionarySpec: _check_dictionary,
+            EvalSpec: _check_eval,
+            TokenClassSpec: _check_token_class,
         },
         advice=_ADVICE,
     )
