@@ -112,10 +112,11 @@ def _train_step(m: Member, x: torch.Tensor, step: int, train: TrainSpec) -> None
             resample_dead_(m.model, m.opt, m.dead_mask(train.dead_after_tokens), x,
                            seed=(m.spec.seed, step))
             m.tokens_since_fired[m.dead_mask(train.dead_after_tokens)] = 0
-    m.sums["loss"] = m.sums.get("loss", 0.0) + loss.item()
+    # summed as device tensors: a .item() per term per step would stall a GPU every step
+    m.sums["loss"] = m.sums.get("loss", 0.0) + loss.detach()
     for name, value in terms.items():
         if name != "f":
-            m.sums[name] = m.sums.get(name, 0.0) + float(value)
+            m.sums[name] = m.sums.get(name, 0.0) + value
     m.n_summed += 1
 
 
@@ -192,8 +193,8 @@ def _postfix(members: list[Member]) -> str:
     parts = []
     for m in members[:3]:
         n = max(m.n_summed, 1)
-        parts.append(f"{m.spec.name}: fvu {m.sums.get('fvu', 0) / n:.3f} "
-                     f"L0 {m.sums.get('l0', 0) / n:.1f}")
+        parts.append(f"{m.spec.name}: fvu {float(m.sums.get('fvu', 0)) / n:.3f} "
+                     f"L0 {float(m.sums.get('l0', 0)) / n:.1f}")
     return " | ".join(parts) + (" | ..." if len(members) > 3 else "")
 
 
@@ -251,7 +252,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, log=print, progress: 
                 n_dead = int(m.dead_mask(train.dead_after_tokens).sum())
                 record = {"step": done, "dictionary": m.spec.name, "tokens": done * train.batch_size,
                           "lr": m.opt.param_groups[0]["lr"], "dead": n_dead,
-                          **{k: v / m.n_summed for k, v in m.sums.items()},
+                          **{k: float(v) / m.n_summed for k, v in m.sums.items()},
                           **_step_knobs(m.spec, step)}
                 metrics.write(record)
                 m.sums, m.n_summed = {}, 0
