@@ -122,13 +122,18 @@ class Dictionary(nn.Module):
             raise ValueError(f"expected x of shape [batch, {self.n_models}, {self.d_model}], "
                              f"got {tuple(x.shape)}")
         x = x.to(self.W_enc.dtype)
-        return einsum(x - self.b_dec, self.W_enc, "b n d, n d m -> b m") + self.b_enc
+        # einsum(x - b_dec, W_enc, "b n d, n d m -> b m") + b_enc as one fused addmm over the
+        # flattened (n d) axis: the same contraction, without einsum's permute/dispatch per step
+        flat = (x - self.b_dec).reshape(x.shape[0], -1)
+        return torch.addmm(self.b_enc, flat, self.W_enc.reshape(-1, self.n_latents))
 
     def encode(self, x: Tensor, *, k: int | None = None) -> Tensor:
         return self._activate(self.pre_activations(x), k)
 
     def decode(self, f: Tensor) -> Tensor:
-        return einsum(f, self.W_dec, "b m, m n d -> b n d") + self.b_dec
+        # einsum(f, W_dec, "b m, m n d -> b n d") + b_dec, fused the same way
+        out = torch.addmm(self.b_dec.reshape(-1), f, self.W_dec.reshape(self.n_latents, -1))
+        return out.reshape(f.shape[0], self.n_models, self.d_model)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f = self.encode(x)
@@ -136,7 +141,8 @@ class Dictionary(nn.Module):
 
     def loss(self, x: Tensor, *, k: int | None = None, l1_coefficient: float | None = None,
              dead_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """The training objective and its terms (detached scalars, plus the codes as "f").
+        """The training objective and its terms (detached scalars, the codes as "f", and the
+        latents active on any token of the batch as "fired").
 
         `k` and `l1_coefficient` are the trainer's scheduled values for this step (k schedule,
         L1 warm-up); they default to the spec's. `dead_mask` [n_latents] marks latents the trainer
@@ -154,12 +160,13 @@ class Dictionary(nn.Module):
         with torch.no_grad():
             var = (x - x.mean(0)).pow(2)
             per_model = err.sum((0, 2)) / var.sum((0, 2)).clamp_min(_EPS)
+            active = f > 0  # one pass over the codes serves L0 and the dead-latent counters
             terms = {"loss": loss.detach(), "mse": mse.detach(),
                      "fvu": err.sum() / var.sum().clamp_min(_EPS),
                      **{f"fvu/{i}": per_model[i] for i in range(self.n_models)},
-                     "l0": (f > 0).sum(1).float().mean(),
+                     "l0": active.sum(1).float().mean(),
                      **{name: v.detach() for name, v in extra.items()},
-                     "f": f.detach()}
+                     "fired": active.any(0), "f": f.detach()}
         return loss, terms
 
     # ---------------------------------------------------------------- constraints (default: none)
@@ -256,9 +263,10 @@ class TopKDictionary(Dictionary):
         return f if self.unit_norm_decoder else f * self._selection_weights().detach()
 
     def _activate(self, pre: Tensor, k: int | None) -> Tensor:
-        f = torch.relu(pre)
-        idx = self._ranked(f).topk(self._k(k), dim=1, sorted=False).indices
-        return torch.zeros_like(f).scatter(1, idx, f.gather(1, idx))
+        # ranking pre-activations (weights > 0) picks the same latents as ranking relu(pre), and
+        # the relu then only touches the k chosen values instead of the whole [batch, latents]
+        idx = self._ranked(pre).topk(self._k(k), dim=1, sorted=False).indices
+        return torch.zeros_like(pre).scatter_(1, idx, torch.relu(pre.gather(1, idx)))
 
     def _penalty(self, pre, f, x, x_hat, *, k, l1_coefficient, dead_mask):
         aux = self._aux_loss(pre, x, x_hat, dead_mask)

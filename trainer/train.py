@@ -104,7 +104,7 @@ def _train_step(m: Member, x: torch.Tensor, step: int, train: TrainSpec) -> None
     m.opt.step()
     m.model.constrain_()
     with torch.no_grad():
-        fired = (terms["f"] > 0).any(dim=0)
+        fired = terms["fired"]
         m.tokens_since_fired += x.shape[0]
         m.tokens_since_fired[fired] = 0
         every = m.spec.resample_dead_every
@@ -115,7 +115,7 @@ def _train_step(m: Member, x: torch.Tensor, step: int, train: TrainSpec) -> None
     # summed as device tensors: a .item() per term per step would stall a GPU every step
     m.sums["loss"] = m.sums.get("loss", 0.0) + loss.detach()
     for name, value in terms.items():
-        if name != "f":
+        if name not in ("f", "fired"):
             m.sums[name] = m.sums.get(name, 0.0) + value
     m.n_summed += 1
 
@@ -131,7 +131,7 @@ def evaluate(model: Dictionary, loader: ActivationLoader, n_batches: int) -> dic
             break
         _, terms = model.loss(batch.float())
         for name, value in terms.items():
-            if name != "f":
+            if name not in ("f", "fired"):
                 sums[name] = sums.get(name, 0.0) + float(value)
         n += 1
     model.train()
