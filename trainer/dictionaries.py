@@ -333,13 +333,13 @@ class BatchTopKDictionary(TopKDictionary):
         self.register_buffer("threshold", torch.tensor(-1.0))
 
     def _activate(self, pre: Tensor, k: int | None) -> Tensor:
-        f = torch.relu(pre)
-        ranked = self._ranked(f)
         if not self.training:
-            return f * (ranked > self.threshold)
-        flat_idx = ranked.flatten().topk(f.shape[0] * self._k(k), sorted=False).indices
-        flat = f.flatten()
-        return torch.zeros_like(flat).scatter(0, flat_idx, flat.gather(0, flat_idx)).view_as(f)
+            f = torch.relu(pre)
+            return f * (self._ranked(f) > self.threshold)
+        # as in TopK: select on the ranked pre-activations, relu only the selected values
+        flat_idx = self._ranked(pre).flatten().topk(pre.shape[0] * self._k(k), sorted=False).indices
+        flat = pre.flatten()
+        return torch.zeros_like(flat).scatter_(0, flat_idx, torch.relu(flat.gather(0, flat_idx))).view_as(pre)
 
     def loss(self, x: Tensor, *, k: int | None = None, l1_coefficient: float | None = None,
              dead_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:

@@ -106,12 +106,12 @@ def _train_step(m: Member, x: torch.Tensor, step: int, train: TrainSpec) -> None
     with torch.no_grad():
         fired = terms["fired"]
         m.tokens_since_fired += x.shape[0]
-        m.tokens_since_fired[fired] = 0
+        m.tokens_since_fired.masked_fill_(fired, 0)  # boolean indexing would sync a GPU
         every = m.spec.resample_dead_every
         if every and (step + 1) % every == 0:
             resample_dead_(m.model, m.opt, m.dead_mask(train.dead_after_tokens), x,
                            seed=(m.spec.seed, step))
-            m.tokens_since_fired[m.dead_mask(train.dead_after_tokens)] = 0
+            m.tokens_since_fired.masked_fill_(m.dead_mask(train.dead_after_tokens), 0)
     # summed as device tensors: a .item() per term per step would stall a GPU every step
     m.sums["loss"] = m.sums.get("loss", 0.0) + loss.detach()
     for name, value in terms.items():
