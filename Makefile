@@ -31,6 +31,7 @@ train: setup
 eval: setup
 	$(BIN)/mdiff eval $(CONFIG)
 
+# Several experiments at once: make report CONFIG="a.toml b.toml"
 report: setup
 	$(BIN)/mdiff report $(CONFIG)
 
@@ -42,8 +43,8 @@ status: setup
 verify: setup
 	$(BIN)/mdiff verify $(CONFIG)
 
-# The offline default: tiny random-weight models and generated text, built locally, then cached,
-# listed and verified. Real-model demo configs live in configs/.
+# The offline default: tiny random-weight models and generated text, built locally, then the whole
+# pipeline (cache, train, eval, report), then the store listed and verified.
 demo: setup
 	$(BIN)/mdiff smoke runs/smoke
 	$(BIN)/mdiff status runs/smoke/experiment.toml
@@ -59,6 +60,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_cache.py --out BENCHMARKS.md
 	$(BIN)/python benchmarks/bench_loader.py
+	$(BIN)/python benchmarks/bench_eval.py
 	bash benchmarks/peer_env.sh
 	.venv-peers/bin/python benchmarks/bench_train.py
 

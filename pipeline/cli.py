@@ -10,12 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-NOT_BUILT = {
-    "eval": "stage three (spliced evaluations and model-diff analyses)",
-    "report": "stage three's report tables",
-}
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from . import config, models, store, tokens
 
@@ -58,6 +52,33 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config)
     report = run_train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"dictionaries and metrics.jsonl in {report.out_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from evals.run import run_eval
+
+    from .config import load_config
+
+    run_eval(load_config(args.config), progress=not args.no_progress)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from evals.report import aggregate, collect, format_table, write_report
+    from evals.run import eval_dir
+
+    from .config import load_config
+
+    cfgs = [load_config(c) for c in args.configs]
+    dirs = [eval_dir(c) for c in cfgs if c.train is not None]
+    if not dirs:
+        raise SystemExit("error: none of these configs has a [train] section, so nothing was evaluated")
+    out = Path(args.out) if args.out else dirs[0].parent / "report"
+    paths = write_report(dirs, out)
+    print(format_table(aggregate(collect(dirs))))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -109,7 +130,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_smoke(args) -> int:
-    """Build a tiny offline experiment (random-weight models, generated text), cache and train it."""
+    """The whole pipeline on a tiny offline experiment (random-weight models, generated text)."""
     from .tiny import build_fixture, write_smoke_config
 
     directory = Path(args.directory)
@@ -118,12 +139,8 @@ def cmd_smoke(args) -> int:
     print(f"wrote {config_path}")
     args.config = str(config_path)
     args.resume = False
-    return cmd_cache(args) or cmd_train(args)
-
-
-def cmd_not_built(args) -> int:
-    print(f"mdiff {args.command}: {NOT_BUILT[args.command]} is not built yet.", file=sys.stderr)
-    return 2
+    args.configs, args.out = [args.config], None
+    return cmd_cache(args) or cmd_train(args) or cmd_eval(args) or cmd_report(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 
+    e = sub.add_parser("eval", help="splice each dictionary into its models; model-diff analyses")
+    e.add_argument("config", help="experiment config with [train] (and optionally [eval])")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="mean ± std tables over seeds (CSV, Markdown, LaTeX)")
+    r.add_argument("configs", nargs="+", help="one or more evaluated experiment configs")
+    r.add_argument("--out", help="output folder (default: <first experiment's runs>/report)")
+    r.set_defaults(func=cmd_report)
+
     for name, func, helptext in [("status", cmd_status, "list stores and how complete they are"),
                                  ("verify", cmd_verify, "decode every chunk and check its checksum")]:
         s = sub.add_parser(name, help=helptext)
@@ -154,10 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_smoke)
 
-    for name, what in NOT_BUILT.items():
-        s = sub.add_parser(name, help=f"{what} (not built yet)")
-        s.add_argument("config", nargs="?")
-        s.set_defaults(func=cmd_not_built)
     return p
 
 

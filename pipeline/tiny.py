@@ -205,6 +205,16 @@ architecture = "relu"
 n_latents = 512
 l1_coefficient = 0.3
 l1_warmup_steps = 50
+
+[eval]
+n_sequences = 32
+batch_size = 8
+top_latents = 10
+contexts_per_latent = 4
+
+[[eval.token_classes]]
+name = "chat-markers"
+kind = "special"
 """
 
 

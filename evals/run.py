@@ -1,0 +1,55 @@
+"""`mdiff eval`: every trained dictionary of an experiment, spliced back into its models and
+analysed for what differs between them. Models are loaded once and shared by all dictionaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import experiment as E
+from pipeline import models as M
+from pipeline.config import ConfigError, EvalSpec, ExperimentConfig
+
+from .diff import analyse_dictionary
+from .splice import evaluate_dictionary
+
+
+def eval_dir(cfg: ExperimentConfig) -> Path:
+    ev = cfg.eval or EvalSpec()
+    return Path(ev.out_dir) if ev.out_dir else Path(cfg.train.out_dir) / "eval"
+
+
+def run_eval(cfg: ExperimentConfig, progress: bool = True, log=print) -> dict[str, dict]:
+    if cfg.train is None:
+        raise ConfigError(cfg.source_file or "<config>",
+                          ["train: missing (evaluations need the [train] section that names the "
+                           "dictionaries; see README)"])
+    ev = cfg.eval or EvalSpec()
+    out = eval_dir(cfg)
+    names = ev.dictionaries or [d.name for d in cfg.train.dictionaries]
+    missing = [n for n in names if not (Path(cfg.train.out_dir) / n / "config.json").exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"not trained yet: {', '.join(missing)} (no config.json under {cfg.train.out_dir}); "
+            f"run: mdiff train {cfg.source_file or '<config>'}")
+    device = M.resolve_device(ev.device)
+    tokenizer = E.resolve_token_set(cfg).tokenizer
+    models_cache: dict = {}
+    results = {}
+    for name in names:
+        dict_dir = Path(cfg.train.out_dir) / name
+        log(f"{name}: splicing into {ev.n_sequences} validation sequences per model")
+        splice = evaluate_dictionary(dict_dir, cfg, n_sequences=ev.n_sequences,
+                                     batch_size=ev.batch_size, device=device, out_dir=out / name,
+                                     progress=progress, models_cache=models_cache)
+        diff = analyse_dictionary(dict_dir, cfg, ev, out / name, tokenizer,
+                                  n_sequences=ev.n_sequences, device=device, progress=progress)
+        results[name] = {"splice": splice, "diff": diff}
+        per_model = splice["metrics"]["per_model"]
+        log(f"  {name}: L0 {splice['metrics']['l0']:.1f}, dead {splice['metrics']['dead_latents']}, "
+            + ", ".join(f"{m}: ΔCE {v['ce_diff']:.4f} CE recovered {v['ce_loss_score']:.3f} "
+                        f"EV {v['explained_variance']:.3f}" for m, v in per_model.items()))
+    (out / "index.json").write_text(json.dumps(
+        {"experiment": cfg.name, "dictionaries": names}, indent=1))
+    log(f"evaluations in {out}")
+    return results
