@@ -610,7 +610,7 @@ stores read from disk or network.
                       + ("the per-step metrics account for the gap." if pr >= 0.95 and pr > tr + 0.05
                          else "the per-step metrics cost little here." if abs(pr - tr) <= 0.05
                          else f"the per-step metrics cost about {1 - tr / pr:.0%} of our step."))
-    return f"""## Stage three: training steps vs dictionary_learning
+    return f"""## Stage two: training steps vs dictionary_learning
 
 Machine: CPU, {m['cpu_count']} cores, {m['torch_threads']} torch threads for both sides; {m['platform']};
 Python {m['python']}, torch {m['torch']}, dictionary-learning {m['dictionary_learning']} (in `.venv-peers`).
