@@ -180,6 +180,32 @@ scale_sample_tokens = {scale_sample_tokens}
     return path
 
 
+def train_section(models: list[str], dictionaries: list[str], *, steps: int = 60, lr: float = 1e-3,
+                  batch_size: int = 256, checkpoint_every: int = 20, eval_every: int = 30,
+                  eval_batches: int = 2, read_threads: int = 2, extra: str = "") -> str:
+    """A small [train] section for tiny experiments; `dictionaries` are TOML bodies of entries."""
+    import json
+
+    entries = "".join(f"\n[[train.dictionaries]]\n{d}\n" for d in dictionaries)
+    return f"""
+[train]
+hook = "layer1.resid_post"
+models = {json.dumps(models)}
+batch_size = {batch_size}
+steps = {steps}
+lr = {lr}
+lr_warmup_steps = 5
+log_every = 10
+eval_every = {eval_every}
+eval_batches = {eval_batches}
+checkpoint_every = {checkpoint_every}
+buffer_tokens = 1024
+read_threads = {read_threads}
+dead_after_tokens = 2048
+{extra}
+{entries}"""
+
+
 SMOKE_TRAIN = """
 [train]
 out_dir = "train"

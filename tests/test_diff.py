@@ -22,6 +22,7 @@ from evals import diff as D
 from evals import latent_page as P
 from pipeline import store as S
 from pipeline.config import DictionarySpec, EvalSpec, TokenClassSpec
+from pipeline.tiny import train_section as tiny_train_section
 from trainer.dictionaries import build_dictionary, load_dictionary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -313,25 +314,8 @@ def test_context_snippets_and_page(tmp_path):
 
 
 def _train_section(models, dictionary):
-    return f'''
-[train]
-hook = "layer1.resid_post"
-models = {json.dumps(models)}
-batch_size = 256
-steps = 40
-lr = 3e-3
-lr_warmup_steps = 5
-log_every = 20
-eval_every = 40
-eval_batches = 1
-checkpoint_every = 1000
-buffer_tokens = 1024
-read_threads = 1
-
-[[train.dictionaries]]
-{dictionary}
-'''
-
+    return tiny_train_section(models, [dictionary], steps=40, lr=3e-3, eval_every=40,
+                              eval_batches=1, checkpoint_every=1000, read_threads=1)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

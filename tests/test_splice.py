@@ -23,6 +23,7 @@ from pipeline import store as S
 from pipeline.cache import run_cache
 from pipeline.config import DictionarySpec, HookSpec, load_config
 from pipeline.tiny import build_fixture, make_model, write_config
+from pipeline.tiny import train_section as tiny_train_section
 from trainer import train as T
 from trainer.dictionaries import build_dictionary, load_dictionary
 
@@ -32,25 +33,8 @@ MODELS = ["llama-s0", "llama-s1"]
 
 
 def train_section(models, dictionary: str) -> str:
-    return f'''
-[train]
-hook = "layer1.resid_post"
-models = {json.dumps(models)}
-batch_size = 256
-steps = 40
-lr = 1e-3
-lr_warmup_steps = 5
-log_every = 20
-eval_every = 40
-eval_batches = 1
-checkpoint_every = 40
-buffer_tokens = 1024
-read_threads = 1
-
-[[train.dictionaries]]
-{dictionary}
-'''
-
+    return tiny_train_section(models, [dictionary], steps=40, eval_every=40, eval_batches=1,
+                              checkpoint_every=40, read_threads=1)
 
 BTK = 'name = "btk"\narchitecture = "batchtopk"\nn_latents = 64\nk = 4'
 RELU = 'name = "relu"\narchitecture = "relu"\nn_latents = 64\nl1_coefficient = 0.05'

@@ -13,30 +13,14 @@ from pipeline import store as S
 from pipeline.cache import run_cache
 from pipeline.config import load_config
 from pipeline.tiny import build_fixture, write_config
+from pipeline.tiny import train_section as tiny_train_section
 from trainer import train as T
 from trainer.dictionaries import load_dictionary
 
 
 def train_section(models, dictionaries, steps=60, checkpoint_every=20, batch=256, extra=""):
-    dicts = "".join(f"\n[[train.dictionaries]]\n{d}\n" for d in dictionaries)
-    return f'''
-[train]
-hook = "layer1.resid_post"
-models = {json.dumps(models)}
-batch_size = {batch}
-steps = {steps}
-lr = 1e-3
-lr_warmup_steps = 5
-log_every = 10
-eval_every = 30
-eval_batches = 2
-checkpoint_every = {checkpoint_every}
-buffer_tokens = 1024
-read_threads = 2
-dead_after_tokens = 2048
-{extra}
-{dicts}'''
-
+    return tiny_train_section(models, dictionaries, steps=steps, checkpoint_every=checkpoint_every,
+                              batch_size=batch, extra=extra)
 
 BTK = 'name = "btk"\narchitecture = "batchtopk"\nn_latents = 128\nk = 4'
 RELU = ('name = "relu"\narchitecture = "relu"\nn_latents = 128\nl1_coefficient = 0.1\n'
