@@ -235,7 +235,8 @@ class ReLUDictionary(Dictionary):
 
     def _penalty(self, pre, f, x, x_hat, *, k, l1_coefficient, dead_mask):
         coef = self.spec.l1_coefficient if l1_coefficient is None else l1_coefficient
-        l1 = (f * self._selection_weights()).sum(1).mean()
+        # mean_b sum_j f_bj w_j, as (mean_b f_b) . w: no [batch, latents] temporary either way
+        l1 = f.mean(0) @ self._selection_weights()
         return coef * l1, {"l1": l1}
 
 
