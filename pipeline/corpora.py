@@ -3,6 +3,9 @@
 The demo needs two domains that install offline from a package registry: the King James Bible
 (`bible-kjv`, whose `bible` program prints it) and Jane Austen's six novels
 (`r-cran-janeaustenr`, whose texts are R data, read by `pipeline.rdata` without installing R).
+The novels are split in two: the first three are the "general text" the fine-tune is told to leave
+unchanged (its anchor), the last three are the other domain of the analyses, never seen by the
+fine-tune.
 Nothing is installed system-wide: the packages are fetched with `apt-get download` and unpacked
 under the cache directory, which works without root. An already installed `bible` is used as is.
 
@@ -23,11 +26,12 @@ from pathlib import Path
 from .prepare import sha256_file
 from .rdata import read_lazyload
 
-FORMAT = 1  # bump when the extraction below changes: it is part of the record
+FORMAT = 2  # bump when the extraction below changes: it is part of the record
 KJV_PACKAGES = ("bible-kjv", "bible-kjv-text")
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey",
                 "persuasion")  # publication order
+ANCHOR_BOOKS = 3  # the first three novels anchor the fine-tune; the other three are analysed
 FIRST_NEW_TESTAMENT_BOOK = "Matthew"
 _CHAPTER = re.compile(r"^(?P<book>(?:[1-3] )?[A-Z][A-Za-z ]*?) (?P<chapter>\d+)$")
 _VERSE = re.compile(r"^\s+\d+\s+")  # indented: a wrapped line may start with a number
@@ -43,8 +47,9 @@ class Corpora:
 
     kjv_old: Path  # Genesis-Malachi: the fine-tuning text
     kjv_new: Path  # Matthew-Revelation: held out from fine-tuning, used for the analyses
-    austen: Path  # the other domain
+    austen: Path  # the other domain (the last three novels): never seen by the fine-tune
     record: dict
+    anchor: Path | None = None  # general text (the first three novels) the fine-tune must not change
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -92,12 +97,12 @@ def book_paragraphs(lines: list[str | None]) -> list[str]:
     return paragraphs
 
 
-def austen_paragraphs(variables: dict[str, object]) -> list[str]:
+def austen_paragraphs(variables: dict[str, object], books: tuple[str, ...] = AUSTEN_BOOKS) -> list[str]:
     missing = [b for b in AUSTEN_BOOKS if b not in variables]
     if missing:
         raise CorpusError(f"{AUSTEN_PACKAGE}'s data lacks {', '.join(missing)} (found "
                           f"{', '.join(variables) or 'nothing'})")
-    return [p for b in AUSTEN_BOOKS for p in book_paragraphs(variables[b])]
+    return [p for b in books for p in book_paragraphs(variables[b])]
 
 
 # ------------------------------------------------------------------------------------ packages
@@ -199,14 +204,15 @@ def prepare_corpora(directory: str | Path, log=print, *, kjv: str | Path | None 
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    names = {"kjv_old": "kjv-old-testament.txt", "kjv_new": "kjv-new-testament.txt", "austen": "austen.txt"}
+    names = {"kjv_old": "kjv-old-testament.txt", "kjv_new": "kjv-new-testament.txt", "austen": "austen.txt",
+             "anchor": "anchor.txt"}
     record_path = d / "corpora.json"
     wanted = {k: [str(Path(v).resolve()), sha256_file(Path(v))] if v else "debian"
               for k, v in (("kjv", kjv), ("other", other))}  # a local file is known by its bytes too
     record = json.loads(record_path.read_text()) if record_path.exists() else None
     if _valid(d, record) and record.get("sources_wanted") == wanted:
         log(f"corpora: reusing {d} ({', '.join(f'{k} {v}' for k, v in record['packages'].items())})")
-        return Corpora(*(d / names[k] for k in ("kjv_old", "kjv_new", "austen")), record)
+        return _corpora(d, names, record)
 
     if kjv:
         text, kjv_source = Path(kjv).read_text(encoding="utf-8"), {"kjv": str(kjv)}
@@ -215,18 +221,28 @@ def prepare_corpora(directory: str | Path, log=print, *, kjv: str | Path | None 
         text, kjv_source = kjv_text(d, log)
     old, new = split_testaments(kjv_chapters(text))
     if other:
-        austen = [p.strip() for p in Path(other).read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        paragraphs = [p.strip() for p in Path(other).read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        if len(paragraphs) < 2:
+            raise CorpusError(f"{other} has {len(paragraphs)} paragraph(s); the other text needs at least two "
+                              "(its first half anchors the fine-tune, its second half is analysed)")
+        anchor, austen = paragraphs[:len(paragraphs) // 2], paragraphs[len(paragraphs) // 2:]
         other_source = {"other": str(other)}
     else:
         log(f"corpora: getting Jane Austen's novels (Debian {AUSTEN_PACKAGE}, read without R)")
         variables, other_source = austen_data(d, log)
-        austen = austen_paragraphs(variables)
-    for key, paragraphs in (("kjv_old", old), ("kjv_new", new), ("austen", austen)):
+        anchor = austen_paragraphs(variables, AUSTEN_BOOKS[:ANCHOR_BOOKS])
+        austen = austen_paragraphs(variables, AUSTEN_BOOKS[ANCHOR_BOOKS:])
+    texts = {"kjv_old": old, "kjv_new": new, "austen": austen, "anchor": anchor}
+    for key, paragraphs in texts.items():
         _write(d / names[key], paragraphs)
     record = {"format": FORMAT, "sources_wanted": wanted, "packages": {**kjv_source, **other_source},
-              "paragraphs": {"kjv_old": len(old), "kjv_new": len(new), "austen": len(austen)},
+              "paragraphs": {k: len(v) for k, v in texts.items()},
               "files": {n: sha256_file(d / n) for n in names.values()}}
     record_path.write_text(json.dumps(record, indent=1))
     shutil.rmtree(d / "debs", ignore_errors=True)  # the texts are all that is kept
-    log(f"corpora: {len(old)} + {len(new)} Bible chapters, {len(austen)} Austen paragraphs in {d}")
-    return Corpora(*(d / names[k] for k in ("kjv_old", "kjv_new", "austen")), record)
+    log(f"corpora: {len(old)} + {len(new)} Bible chapters, {len(anchor)} + {len(austen)} Austen paragraphs in {d}")
+    return _corpora(d, names, record)
+
+
+def _corpora(d: Path, names: dict[str, str], record: dict) -> Corpora:
+    return Corpora(*(d / names[k] for k in ("kjv_old", "kjv_new", "austen")), record, anchor=d / names["anchor"])

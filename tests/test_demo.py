@@ -122,6 +122,9 @@ def test_rdata_reads_character_vectors_from_a_lazyload_database(tmp_path):
     assert paragraphs[:4] == ["SENSESENSIBILITY", "Chapter 1", "It is a truth universally acknowledged, café.",
                               "Next paragraph."]
     assert "Emma Woodhouse, handsome, clever, and rich." in paragraphs
+    analysed = C.austen_paragraphs(got, C.AUSTEN_BOOKS[C.ANCHOR_BOOKS:])  # Emma on: never the anchor
+    assert analysed[:2] == ["EMMA", "Emma Woodhouse, handsome, clever, and rich."]
+    assert "SENSESENSIBILITY" not in analysed
     with pytest.raises(C.CorpusError, match="persuasion"):
         C.austen_paragraphs({k: v for k, v in got.items() if k != "persuasion"})
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(b"RDX2\nX\n"))
@@ -136,7 +139,8 @@ def test_corpora_from_local_files_are_built_once_and_rebuilt_when_edited(tmp_pat
     logs = []
     c = C.prepare_corpora(tmp_path / "c", logs.append, kjv=kjv, other=other)
     assert c.kjv_old.read_text().split("\n\n")[1].startswith("For, behold")
-    assert c.austen.read_text() == "First paragraph\nof prose.\n\nSecond one.\n"
+    assert c.anchor.read_text() == "First paragraph\nof prose.\n"  # the first half anchors the fine-tune
+    assert c.austen.read_text() == "Second one.\n"  # the second half is analysed
     C.prepare_corpora(tmp_path / "c", logs.append, kjv=kjv, other=other)
     assert logs[-1].startswith("corpora: reusing")
     c.kjv_new.write_text("edited")
