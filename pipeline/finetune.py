@@ -6,7 +6,15 @@ batch `s` is drawn from a generator seeded with (seed, s), the learning rate is 
 step, so a run killed at any point and started again resumes from its last checkpoint (weights and
 AdamW moments in safetensors) and ends with the same weights as an uninterrupted run.
 
-The result is a Hugging Face directory keyed by its inputs (base model, text, settings, library
+A fine-tune on one text alone is not narrow: it moves the residual stream almost as much on every
+other text (measured on SmolLM2: relative change 0.39 on held-out Bible text, 0.34 on Austen),
+and a model diff then has nothing domain-specific to find. An optional *anchor* makes the change
+narrow by construction: on windows of a general text, the residual at one layer is held to the
+base model's by a penalty, `anchor_weight * sum ||h_tuned - h_base||^2 / sum ||h_base||^2`
+(position 0 skipped: its massive activation would dominate the sum). What changed is then known:
+the model's computation on the fine-tuning domain, not elsewhere.
+
+The result is a Hugging Face directory keyed by its inputs (base model, texts, settings, library
 versions; see `pipeline.prepare`), so a second run finds it instead of training again.
 """
 
@@ -25,7 +33,8 @@ from trainer import checkpoint as ckpt
 from trainer.schedules import lr_factor
 
 from . import prepare as P
-from .models import decoder_layers
+from .config import HookSpec
+from .models import capture, decoder_layers
 
 
 @dataclass(frozen=True)
@@ -36,20 +45,24 @@ class FinetuneSpec:
     decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
     batch_size: int = 8  # sequences per step
     seq_len: int = 64  # tokens per sequence
-    train_layers: int | None = None  # train decoder layers [0, train_layers) only; None: every weight
+    train_layers: int | None = None  # train decoder layers [first_layer, train_layers) only; None: every weight
+    first_layer: int = 0
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     bf16_autocast: bool = False  # bfloat16 autocast: faster only on CPUs with bfloat16 units (AVX-512
     # BF16, AMX) or GPUs; on AVX2-only CPUs its matmuls ran 25x slower than float32 here
     seed: int = 0
     checkpoint_every: int = 25
+    anchor_weight: float = 0.0  # > 0: hold the residual at resid_post of `anchor_layer` on the anchor text
+    anchor_layer: int | None = None
+    anchor_batch_size: int = 4  # anchor windows per step, of seq_len tokens
 
     def __post_init__(self):
         positive = ("steps", "lr", "batch_size", "seq_len", "checkpoint_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"FinetuneSpec.{name} = {getattr(self, name)!r}: must be > 0")
-        for name in ("warmup_steps", "grad_clip", "weight_decay", "seed"):
+        for name in ("warmup_steps", "grad_clip", "weight_decay", "seed", "first_layer", "anchor_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FinetuneSpec.{name} = {getattr(self, name)!r}: must be >= 0")
         if not 0 <= self.decay_fraction <= 1:
@@ -57,6 +70,14 @@ class FinetuneSpec:
         if self.train_layers is not None and self.train_layers < 1:
             raise ValueError(f"FinetuneSpec.train_layers = {self.train_layers!r}: train at least one "
                              "layer, or None for every weight")
+        if self.first_layer and (self.train_layers is None or self.first_layer >= self.train_layers):
+            raise ValueError(f"FinetuneSpec.first_layer = {self.first_layer} needs train_layers above it "
+                             f"(got {self.train_layers!r}): layers [first_layer, train_layers) are trained")
+        if self.anchor_weight > 0 and (self.anchor_layer is None or self.anchor_layer < 0):
+            raise ValueError(f"FinetuneSpec.anchor_weight = {self.anchor_weight} needs anchor_layer, the "
+                             f"layer whose resid_post is held to the base model's (got {self.anchor_layer!r})")
+        if self.anchor_batch_size < 1:
+            raise ValueError(f"FinetuneSpec.anchor_batch_size = {self.anchor_batch_size!r}: must be >= 1")
 
 
 # ------------------------------------------------------------------------------------ data
@@ -80,6 +101,27 @@ def batch_at(stream: torch.Tensor, step: int, spec: FinetuneSpec) -> torch.Tenso
     gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
     starts = torch.randint(0, span, (spec.batch_size,), generator=gen)
     return torch.stack([stream[s:s + spec.seq_len] for s in starts.tolist()])
+
+
+def anchor_batch(stream: torch.Tensor, step: int, spec: FinetuneSpec) -> torch.Tensor:
+    """[anchor_batch_size, seq_len] windows of the anchor text: a function of (seed, step), drawn
+    from a generator of its own so the training batches are the same with or without an anchor."""
+    span = stream.numel() - spec.seq_len
+    if span <= 0:
+        raise ValueError(f"the anchor text has {stream.numel()} tokens, fewer than seq_len {spec.seq_len} + 1")
+    gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + step + 7_919 * 1_000_000)
+    starts = torch.randint(0, span, (spec.anchor_batch_size,), generator=gen)
+    return torch.stack([stream[s:s + spec.seq_len] for s in starts.tolist()])
+
+
+def anchor_penalty(model, base, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """sum ||h_model - h_base||^2 / sum ||h_base||^2 at resid_post of `layer`, position 0 skipped;
+    both forwards stop at that layer."""
+    hook = [HookSpec(layer, "resid_post")]
+    with torch.no_grad():
+        ref = capture(base, x, hook)[hook[0]][:, 1:]
+    got = capture(model, x, hook, detach=False)[hook[0]][:, 1:]
+    return (got - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-12)
 
 
 def heldout_windows(stream: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
@@ -118,7 +160,7 @@ def trainable_parameters(model, spec: FinetuneSpec) -> dict[str, torch.nn.Parame
     if spec.train_layers > len(layers):
         raise ValueError(f"FinetuneSpec.train_layers = {spec.train_layers}, but the model has {len(layers)} "
                          "decoder layers")
-    wanted = {id(p) for layer in layers[:spec.train_layers] for p in layer.parameters()}
+    wanted = {id(p) for layer in layers[spec.first_layer:spec.train_layers] for p in layer.parameters()}
     return {n: p for n, p in model.named_parameters() if id(p) in wanted}
 
 
@@ -133,25 +175,33 @@ def _deterministic():
         torch.use_deterministic_algorithms(before)
 
 
-def finetune_inputs(base_dir: Path, text_path: Path, spec: FinetuneSpec) -> dict:
+def finetune_inputs(base_dir: Path, text_path: Path, spec: FinetuneSpec, anchor_text: Path | None = None) -> dict:
     """What the fine-tuned weights depend on. A prepared base is named by its recorded key (its
     own inputs); any other directory by the hash of its weights."""
     base = P.recorded_key(base_dir) or P.sha256_file(base_dir / "model.safetensors")
-    return {"what": "causal-lm-finetune", "base": base, "text": text_path.name,
-            "text_sha256": P.sha256_file(text_path), "spec": dataclasses.asdict(spec),
-            "libraries": P.library_versions("torch", "transformers")}
+    inputs = {"what": "causal-lm-finetune", "base": base, "text": text_path.name,
+              "text_sha256": P.sha256_file(text_path), "spec": dataclasses.asdict(spec),
+              "libraries": P.library_versions("torch", "transformers")}
+    if spec.anchor_weight > 0:
+        inputs["anchor_text"] = [Path(anchor_text).name, P.sha256_file(Path(anchor_text))]
+    return inputs
 
 
 def finetune(base_dir: str | Path, text_path: str | Path, parent: str | Path, name: str,
-             spec: FinetuneSpec = FinetuneSpec(), *, log=print, progress: bool = True) -> Path:
+             spec: FinetuneSpec = FinetuneSpec(), *, anchor_text: str | Path | None = None, log=print,
+             progress: bool = True) -> Path:
     """Fine-tune the model in `base_dir` on `text_path`; returns the keyed output directory.
+    With `spec.anchor_weight` > 0, `anchor_text` is the general text whose residual is held fixed.
 
     Reuses a finished output; resumes an interrupted one from `<output>.work/checkpoints`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_dir, text_path = Path(base_dir), Path(text_path)
-    inputs = finetune_inputs(base_dir, text_path, spec)
+    if spec.anchor_weight > 0 and anchor_text is None:
+        raise ValueError(f"FinetuneSpec.anchor_weight = {spec.anchor_weight} but no anchor_text was given: pass "
+                         "the general text whose residual the fine-tune must leave unchanged, or set it to 0")
+    inputs = finetune_inputs(base_dir, text_path, spec, None if anchor_text is None else Path(anchor_text))
     final = P.artifact_dir(parent, name, inputs)
     if P.is_prepared(final, inputs):
         log(f"{name}: reusing {final}")
@@ -167,8 +217,16 @@ def finetune(base_dir: str | Path, text_path: str | Path, parent: str | Path, na
         p.requires_grad_(True)
     opt = torch.optim.AdamW(list(params.values()), lr=spec.lr, weight_decay=spec.weight_decay)
     stream = token_stream(tokenizer, text_path)
+    anchored = spec.anchor_weight > 0
+    if anchored:
+        if spec.anchor_layer >= len(decoder_layers(model)):
+            raise ValueError(f"FinetuneSpec.anchor_layer = {spec.anchor_layer}, but the model has "
+                             f"{len(decoder_layers(model))} decoder layers")
+        reference = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        reference.requires_grad_(False)
+        anchor_stream = token_stream(tokenizer, anchor_text)
 
-    start, losses = 0, []
+    start, losses, anchors = 0, [], []
     last = ckpt.latest_checkpoint(work / "checkpoints")
     if last is not None:
         tensors, meta = ckpt.load_part(last, "finetune")
@@ -177,11 +235,13 @@ def finetune(base_dir: str | Path, text_path: str | Path, parent: str | Path, na
                 params[n].copy_(t)
         ckpt.load_optimizer(opt, tensors["optimizer"], meta["optimizer"])
         state = ckpt.trainer_state(last)
-        start, losses = state["step"], state["losses"]
+        start, losses, anchors = state["step"], state["losses"], state.get("anchor", [])
         log(f"{name}: resuming the fine-tune from step {start} ({last})")
     n_params = sum(p.numel() for p in params.values())
     log(f"{name}: fine-tuning {n_params / 1e6:.1f}M parameters on {text_path.name} ({stream.numel():,} tokens): "
-        f"{spec.steps} steps x {spec.batch_size} x {spec.seq_len} tokens, lr {spec.lr}")
+        f"{spec.steps} steps x {spec.batch_size} x {spec.seq_len} tokens, lr {spec.lr}"
+        + (f"; residual at layer {spec.anchor_layer} held on {Path(anchor_text).name} (weight {spec.anchor_weight})"
+           if anchored else ""))
 
     bar = tqdm(total=spec.steps, initial=start, unit="step", desc="fine-tune", disable=not progress,
                dynamic_ncols=True)
@@ -193,20 +253,24 @@ def finetune(base_dir: str | Path, text_path: str | Path, parent: str | Path, na
             x = batch_at(stream, step, spec)
             with autocast:
                 loss = model(input_ids=x, labels=x, use_cache=False).loss
-            loss.backward()
+                penalty = (anchor_penalty(model, reference, anchor_batch(anchor_stream, step, spec),
+                                          spec.anchor_layer) if anchored else None)
+            (loss if penalty is None else loss + spec.anchor_weight * penalty).backward()
             if spec.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), spec.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(round(float(loss.detach()), 5))
+            if penalty is not None:
+                anchors.append(round(float(penalty.detach()), 6))
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"anchor": f"{anchors[-1]:.4f}"} if anchors else {}))
             done = step + 1
             if done % spec.checkpoint_every == 0 and done < spec.steps:
                 opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
                 ckpt.save_checkpoint(work / "checkpoints", done, {"finetune": {
                     "tensors": {"weights": dict(params), "optimizer": opt_tensors},
-                    "json": {"optimizer": opt_meta}}}, {"losses": losses})
+                    "json": {"optimizer": opt_meta}}}, {"losses": losses, "anchor": anchors})
     bar.close()
 
     model.eval()
@@ -214,6 +278,6 @@ def finetune(base_dir: str | Path, text_path: str | Path, parent: str | Path, na
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    out = P.publish(tmp, final, inputs, {"train_losses": losses})
+    out = P.publish(tmp, final, inputs, {"train_losses": losses, **({"anchor_penalties": anchors} if anchors else {})})
     shutil.rmtree(work, ignore_errors=True)
     return out

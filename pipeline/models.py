@@ -141,12 +141,15 @@ def capture(
     input_ids: torch.Tensor,
     hooks: list[HookSpec],
     attention_mask: torch.Tensor | None = None,
+    *,
+    detach: bool = True,
 ) -> dict[HookSpec, torch.Tensor]:
     """Residual-stream activations at `hooks`, running only as much of the model as they need.
 
     resid_pre of layer L is exactly `output_hidden_states[L]` and resid_post is `[L + 1]` (for L
     below the last layer; the last entry of output_hidden_states has the final norm applied, which
-    resid_post of the last layer does not). Tensors are returned as produced (no copy).
+    resid_post of the last layer does not). Tensors are returned as produced (no copy); with
+    `detach=False` they keep their graph, for losses on activations (the fine-tune's anchor).
     """
     layers = decoder_layers(model)
     _check_hooks(model, hooks, len(layers))
@@ -157,7 +160,7 @@ def capture(
     captured: dict[HookSpec, torch.Tensor] = {}
 
     def record(spec: HookSpec, hidden: torch.Tensor) -> None:
-        captured[spec] = hidden.detach()
+        captured[spec] = hidden.detach() if detach else hidden
         if spec.layer == deepest and spec.site == stop_site:
             raise _StopForward
 

@@ -220,6 +220,46 @@ def test_finetune_is_deterministic_restart_safe_and_found_again(tiny, tmp_path, 
         F.FinetuneSpec(train_layers=0)
 
 
+def _relative_change(base: Path, tuned: Path, text: Path, layer: int) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.config import HookSpec
+    from pipeline.models import capture
+
+    x = F.heldout_windows(F.token_stream(AutoTokenizer.from_pretrained(base), text), 8, 16)
+    hook = [HookSpec(layer, "resid_post")]
+    h = [capture(AutoModelForCausalLM.from_pretrained(d).eval(), x, hook)[hook[0]][:, 1:] for d in (base, tuned)]
+    return float((h[1] - h[0]).norm() / h[0].norm())
+
+
+def test_an_anchor_keeps_the_change_off_the_general_text(tiny, tmp_path):
+    """The anchor is what makes the demo's fine-tune narrow: with it, the residual at the anchored
+    layer moves much less on the general text than without it (measured 0.11 vs 1.25 here). That
+    the change then stays on the tuned domain is a property of real models; a 2-layer random model
+    moves both texts alike."""
+    from pipeline.tiny import make_corpus
+
+    _, fx = tiny
+    base, general = fx["models"]["llama-s0"], make_corpus(tmp_path / "general", n_docs=160, seed=1)["text"]
+    text = fx["corpus"]["text"]
+    spec = F.FinetuneSpec(**{**SPEC.__dict__, "steps": 12})
+    held = F.FinetuneSpec(**{**spec.__dict__, "anchor_weight": 100.0, "anchor_layer": 0})
+    free = F.finetune(base, text, tmp_path / "free", "ft", spec, **QUIET)
+    anchored = F.finetune(base, text, tmp_path / "held", "ft", held, anchor_text=general, **QUIET)
+    moved_free = _relative_change(base, free, general, 0)
+    moved_held = _relative_change(base, anchored, general, 0)
+    assert moved_held < 0.25 * moved_free
+    record = json.loads((anchored / P.RECORD).read_text())
+    assert len(record["anchor_penalties"]) == held.steps
+    assert F.finetune_inputs(Path(base), Path(text), held, general)["anchor_text"][0] == general.name
+    with pytest.raises(ValueError, match="anchor_layer"):
+        F.FinetuneSpec(anchor_weight=1.0)
+    with pytest.raises(ValueError, match="no anchor_text"):
+        F.finetune(base, text, tmp_path / "x", "ft", held, **QUIET)
+    with pytest.raises(ValueError, match="first_layer"):
+        F.FinetuneSpec(first_layer=2, train_layers=2)
+
+
 def test_artifact_records_are_written_last(tmp_path):
     inputs = {"what": "x", "n": 1}
     final = P.artifact_dir(tmp_path, "thing", inputs)
