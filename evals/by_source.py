@@ -13,6 +13,16 @@ firing frequency on the tokens of source s, the *preference* for a is
 Frequencies are per token of each source, so unequal source sizes do not bias p. A class of
 latents prefers a when its mean p is above the shared latents' mean p (the baseline: shared
 latents describe what both models do on both texts).
+
+Two tests answer the question, the first that can:
+
+- *exclusive*: enough latents are specific to the model (relative norm past `specific_above`):
+  their mean p against the baseline.
+- *leaning*: otherwise. A crosscoder trained for minutes rarely pushes any relative norm near 0
+  or 1 (on the demo's pair every one stayed within 0.44-0.62), yet the order of the norms still
+  carries the diff. The `top` live latents whose decoder leans most toward the model must prefer
+  a by the margin over both the baseline and the `top` leaning most toward the other model (the
+  control), and the rank correlation of lean and p must beat a permutation test.
 """
 
 from __future__ import annotations
@@ -92,23 +102,41 @@ class SourceCheck:
     shared: ClassPreference  # the baseline
     other_specific: ClassPreference  # latents specific to the other model (a control)
     top_by_norm: ClassPreference  # the `top` live latents nearest the model's end, whatever the class
+    bottom_by_norm: ClassPreference  # the `top` live latents nearest the other model's end (control)
     rho: float  # Spearman correlation of the model's decoder-norm share with p, live latents
+    rho_p: float  # one-sided permutation p-value of rho (shares shuffled over the live latents)
     tokens: tuple[int, int]  # validation tokens scanned per source
-    holds: bool | None  # True / False; None: too few specific latents to tell
+    test: str  # "exclusive" or "leaning": which test answered (module docstring)
+    holds: bool | None  # True / False; None: too few live latents to tell
     reason: str
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+def permutation_p(x: np.ndarray, y: np.ndarray, observed: float, *, n: int = 999, seed: int = 0) -> float:
+    """One-sided p-value of a rank correlation at least `observed` when x is shuffled over the
+    pairs where both are finite: (1 + #{null >= observed}) / (1 + n). Seeded: the same every run."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3 or not np.isfinite(observed):
+        return math.nan
+    rng = np.random.default_rng(seed)
+    xs, ys = x[ok], y[ok]
+    beats = sum(rank_correlation(rng.permutation(xs), ys) >= observed for _ in range(n))
+    return (1 + beats) / (1 + n)
+
+
 def check_source_preference(a: NormAnalysis, model: int, freq_a: np.ndarray, freq_b: np.ndarray, *,
                             sources: tuple[str, str], tokens: tuple[int, int], dictionary: str = "",
-                            margin: float = 0.1, min_latents: int = 5, top: int = 20) -> SourceCheck:
+                            margin: float = 0.1, min_latents: int = 5, top: int = 20,
+                            alpha: float = 0.01) -> SourceCheck:
     """Do the latents specific to model `model` (index into a.model_names) prefer source a?
 
-    It holds when at least `min_latents` specific latents fired and their mean preference is at
-    least `margin` above the shared latents' and above 0.5; it does not hold when they fired but
-    fall short; with fewer, the answer is None. A two-model analysis is expected.
+    With at least `min_latents` specific latents that fired, the exclusive test: it holds when
+    their mean preference is at least `margin` above the shared latents' and above 0.5. With fewer,
+    the leaning test (module docstring), at significance `alpha`. None when fewer than `top`
+    latents fired at all. A two-model analysis is expected.
     """
     if a.n_models != 2:
         raise ValueError(f"the source check compares two models; this analysis has {a.n_models}")
@@ -119,21 +147,34 @@ def check_source_preference(a: NormAnalysis, model: int, freq_a: np.ndarray, fre
     shared = class_preference("shared", a.ids("shared"), pref, freq_a, freq_b)
     control = class_preference(f"{other}-only", a.ids(f"{other}-only"), pref, freq_a, freq_b)
     live = np.flatnonzero(np.isfinite(pref) & np.isfinite(share))
-    nearest = live[np.argsort(-share[live], kind="stable")][:top]
+    order = live[np.argsort(-share[live], kind="stable")]
+    nearest, farthest = order[:top], order[::-1][:top]
     top_group = class_preference(f"top {len(nearest)} by {name} share", nearest, pref, freq_a, freq_b)
+    bottom_group = class_preference(f"top {len(farthest)} by {other} share", farthest, pref, freq_a, freq_b)
     rho = rank_correlation(share, pref)
+    rho_p = permutation_p(share, pref, rho)
     base = shared.mean_preference if shared.n_latents else 0.5
-    if specific.n_latents < min_latents:
-        holds, reason = None, (f"only {specific.n_latents} latent(s) specific to {name} fired on the "
-                               f"validation tokens (need {min_latents}); no answer")
-    elif specific.mean_preference >= base + margin and specific.mean_preference > 0.5:
-        holds, reason = True, (f"{specific.n_latents} {name}-only latents fire on {sources[0]} with mean "
-                               f"preference {specific.mean_preference:.2f}, vs {base:.2f} for shared latents")
+    if specific.n_latents >= min_latents:
+        test, m = "exclusive", specific.mean_preference
+        if m >= base + margin and m > 0.5:
+            holds, reason = True, (f"{specific.n_latents} {name}-only latents fire on {sources[0]} with mean "
+                                   f"preference {m:.2f}, vs {base:.2f} for shared latents")
+        else:
+            holds, reason = False, (f"{specific.n_latents} {name}-only latents have mean preference {m:.2f} "
+                                    f"for {sources[0]}, vs {base:.2f} for shared latents: not above by {margin}")
+    elif len(live) < 2 * top:
+        test, holds, reason = "leaning", None, (f"only {len(live)} latents fired on the validation tokens; "
+                                                f"the leaning test needs {2 * top}: no answer")
     else:
-        holds, reason = False, (f"{specific.n_latents} {name}-only latents have mean preference "
-                                f"{specific.mean_preference:.2f} for {sources[0]}, vs {base:.2f} for shared "
-                                f"latents: not above by {margin}")
-    return SourceCheck(dictionary, sources, specific, shared, control, top_group, rho, tokens, holds, reason)
+        test, m, c = "leaning", top_group.mean_preference, bottom_group.mean_preference
+        lead = (f"{specific.n_latents} latent(s) specific to {name} fired (need {min_latents}); the {top} "
+                f"leaning most toward {name} have mean preference {m:.2f} for {sources[0]}, vs {base:.2f} for "
+                f"shared latents and {c:.2f} for the {top} leaning toward {other}; rank correlation "
+                f"{rho:.2f} (permutation p = {rho_p:.3f})")
+        holds = bool(m >= base + margin and m >= c + margin and m > 0.5 and rho > 0 and rho_p < alpha)
+        reason = lead + ("" if holds else f": not above both by {margin} with p < {alpha}")
+    return SourceCheck(dictionary, sources, specific, shared, control, top_group, bottom_group, rho, rho_p,
+                       tokens, test, holds, reason)
 
 
 @torch.no_grad()

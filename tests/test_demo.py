@@ -308,6 +308,27 @@ def test_source_check_answers_known_cases():
     assert B.rank_correlation(np.arange(5.0), -np.arange(5.0)) == pytest.approx(-1.0)
 
 
+def test_leaning_test_answers_when_no_latent_is_exclusive():
+    """No relative norm leaves [0.4, 0.6] (as after a short crosscoder run): the exclusive test
+    cannot answer, the leaning test does, and only for a real association."""
+    n = 200
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(n, 2, 8, generator=gen)
+    r = torch.linspace(0.4, 0.6, n)  # the tuned model's share of the decoder norm, latent by latent
+    w = w / w.norm(dim=-1, keepdim=True) * torch.stack([1 - r, r], 1)[..., None]
+    a = decoder_norm_analysis(w, ["base", "tuned"], EvalSpec())
+    assert a.counts.get("tuned-only", 0) == 0
+    fb = np.full(n, 0.02)
+    fa = fb * (0.5 + 4 * (r.numpy() - 0.5)) / (0.5 - 4 * (r.numpy() - 0.5))  # p = 0.1 .. 0.9 with r
+    check = B.check_source_preference(a, 1, fa, fb, sources=("kjv", "austen"), tokens=(10, 10))
+    assert check.test == "leaning" and check.holds is True
+    assert check.top_by_norm.mean_preference > 0.85 and check.bottom_by_norm.mean_preference < 0.15
+    assert check.rho == pytest.approx(1.0) and check.rho_p == pytest.approx(1 / 1000)
+    shuffled = fa[np.random.default_rng(0).permutation(n)]  # the same preferences, unrelated to r
+    null = B.check_source_preference(a, 1, shuffled, fb, sources=("kjv", "austen"), tokens=(10, 10))
+    assert null.test == "leaning" and null.holds is False and null.rho_p > 0.01
+
+
 SMALL = dict(layer=1, n_tokens=8192, n_latents=64, batch_size=128, steps=10)
 
 
