@@ -328,7 +328,7 @@ def _run_cache(cfg: ExperimentConfig, log, progress: bool) -> CacheReport:
     dist = _Dist()
     root = S.StoreRoot(cfg.store, cfg.storage_options)
     root.ensure_format(create=False)  # refuse a newer store format before any work
-    ref = E.resolve_token_set(cfg)  # tokenizers must match
+    ref = E.resolve_token_set(cfg, log if dist.is_main else None)  # tokenizers must share a vocabulary
     _preflight(cfg)
     root.ensure_format(create=dist.is_main)  # nothing is written before the checks above pass
     ts_id, plan, tokenizer = ref.id, ref.plan, ref.tokenizer

@@ -27,26 +27,29 @@ class TokenSetRef:
     tokenizer_from: str | None
 
 
-def experiment_tokenizer(cfg: ExperimentConfig) -> tuple[object, str | None]:
+def experiment_tokenizer(cfg: ExperimentConfig, log=None) -> tuple[object, str | None]:
     """(tokenizer, model name): tokens.tokenizer's model's, default the first model's with weights,
-    after insisting that every model with weights has the same one. (None, None) without weights."""
+    after insisting that every model with weights has the same vocabulary (differences in special
+    tokens or chat template go to `log`). (None, None) without weights."""
     weighted = [m for m in cfg.models if m.has_weights]
     if not weighted:
         return None, None
     tok_name = cfg.tokens.tokenizer or weighted[0].name
     tokenizers = [(m.name, M.load_tokenizer(m)) for m in weighted]
-    M.check_same_tokenizer(tokenizers)
+    for note in M.check_same_tokenizer(tokenizers):
+        if log is not None:
+            log(f"{note}; here: {tok_name!r}'s")
     return dict(tokenizers)[tok_name], tok_name
 
 
-def resolve_token_set(cfg: ExperimentConfig) -> TokenSetRef:
+def resolve_token_set(cfg: ExperimentConfig, log=None) -> TokenSetRef:
     """Load every model's tokenizer, insist they agree, and hash the token set's definition.
 
     A token set named by `tokens.tokenset` is taken as it is: nothing to tokenize or hash.
     """
     if cfg.tokens.tokenset is not None:
         return TokenSetRef(cfg.tokens.tokenset, None, None, None, None)
-    tokenizer, tok_name = experiment_tokenizer(cfg)
+    tokenizer, tok_name = experiment_tokenizer(cfg, log)
     fingerprint = M.tokenizer_fingerprint(tokenizer)
     plan = T.plan_token_set(cfg.tokens)  # hashes the source files once
     ts_id = T.token_set_id(cfg.tokens, fingerprint, plan.source_descriptions)

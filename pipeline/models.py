@@ -532,22 +532,39 @@ def _special_ids(tokenizer) -> dict:
     return {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Equal fingerprints mean equal token ids for every text, chat and padded batch.
+def _backend_state(tokenizer) -> object:
+    """What decides the ids of a plain text: vocabulary, added tokens, normalization,
+    pre-tokenization, model and post-processing.
 
     Padding/truncation settings are dropped: transformers sets them on the backend as a side effect
     of calls with padding=True, and they do not change which ids a text becomes.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        state.pop("padding", None)
-        state.pop("truncation", None)
-    else:
-        state = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items())}
-    payload = {"tokenizer": state, "special_ids": _special_ids(tokenizer),
-               "chat_template": getattr(tokenizer, "chat_template", None)}
+    if backend is None:
+        return {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items())}
+    state = json.loads(backend.to_str())
+    state.pop("padding", None)
+    state.pop("truncation", None)
+    return state
+
+
+def _sha256_json(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Equal fingerprints mean equal token ids for every text, chat and padded batch: what a token
+    set built with this tokenizer depends on."""
+    return _sha256_json({"tokenizer": _backend_state(tokenizer), "special_ids": _special_ids(tokenizer),
+                         "chat_template": getattr(tokenizer, "chat_template", None)})
+
+
+def vocabulary_fingerprint(tokenizer) -> str:
+    """Equal fingerprints mean every id names the same token and every plain text becomes the same
+    ids. Which ids are called eos/pad and the chat template are left out: a token set is built
+    with one tokenizer and its ids are fed to every model, so those may differ between models
+    (a base model and its chat version usually name different end-of-text tokens)."""
+    return _sha256_json(_backend_state(tokenizer))
 
 
 def _difference_hint(a, b) -> str:
@@ -566,16 +583,25 @@ def _difference_hint(a, b) -> str:
     return "same vocabulary, different normalization, pre-tokenization or post-processing"
 
 
-def check_same_tokenizer(named: list[tuple[str, Any]]) -> None:
-    """Model diffing compares activations position by position, which needs identical token ids."""
+def check_same_tokenizer(named: list[tuple[str, Any]]) -> list[str]:
+    """Model diffing compares activations position by position, which needs identical token ids:
+    a different vocabulary is refused. Differences only in special-token roles or chat template are
+    returned as notes (the token set is built with one of the tokenizers; `tokens.tokenizer`)."""
     if len(named) < 2:
-        return
+        return []
     first_name, first_tok = named[0]
-    reference = tokenizer_fingerprint(first_tok)
+    reference, vocabulary = tokenizer_fingerprint(first_tok), vocabulary_fingerprint(first_tok)
+    notes = []
     for name, tok in named[1:]:
-        if tokenizer_fingerprint(tok) != reference:
+        if tokenizer_fingerprint(tok) == reference:
+            continue
+        if vocabulary_fingerprint(tok) != vocabulary:
             raise TokenizerMismatchError(
                 f"models {first_name!r} and {name!r} have different tokenizers "
                 f"({_difference_hint(first_tok, tok)}); all models of an experiment must share a "
                 "tokenizer, so compare checkpoints of one model family"
             )
+        notes.append(f"models {first_name!r} and {name!r} share a vocabulary but not everything else "
+                     f"({_difference_hint(first_tok, tok)}); the token set is built with one tokenizer "
+                     "(tokens.tokenizer, default the first model's) and both models read its ids")
+    return notes

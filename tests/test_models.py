@@ -31,6 +31,7 @@ from pipeline.models import (
     resolve_device,
     resolve_dtype,
     tokenizer_fingerprint,
+    vocabulary_fingerprint,
 )
 from pipeline.tiny import ARCHITECTURES, build_fixture, make_tokenizer
 
@@ -503,6 +504,24 @@ def test_tokenizer_fingerprint(fixture, tmp_path):
 
     two.chat_template = "{{ messages }}"
     assert tokenizer_fingerprint(two) != tokenizer_fingerprint(one)
+
+
+def test_a_chat_version_naming_another_end_token_is_accepted_with_a_note(fixture, tmp_path):
+    """Base and chat models of one family (Llama-3.1-8B and -Instruct) share the vocabulary but
+    name different end-of-text tokens: the same ids mean the same tokens, so that is no mismatch."""
+    from transformers import AutoTokenizer
+
+    fixture["tokenizer"].save_pretrained(tmp_path / "chat")
+    base, chat = fixture["tokenizer"], AutoTokenizer.from_pretrained(tmp_path / "chat")
+    chat.eos_token = chat.pad_token  # another token of the same vocabulary as end of turn
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    assert chat.eos_token_id != base.eos_token_id
+    assert tokenizer_fingerprint(chat) != tokenizer_fingerprint(base)
+    assert vocabulary_fingerprint(chat) == vocabulary_fingerprint(base)
+    assert base("the king said")["input_ids"] == chat("the king said")["input_ids"]
+    notes = check_same_tokenizer([("base", base), ("chat", chat)])
+    assert len(notes) == 1 and "'base' and 'chat' share a vocabulary" in notes[0]
+    assert "different special tokens" in notes[0]
 
 
 def test_different_tokenizers_are_refused(fixture):
