@@ -43,7 +43,7 @@ def section(runs: list[tuple[str, dict]], notes: str = "") -> str:
 
     lines = ["## The demo: real models on a CPU, first run and second run", "",
              f"Machine: CPU, {os.cpu_count()} cores; {platform.platform()}; torch {torch.__version__}. "
-             "`mdiff demo` (SmolLM2-135M-Instruct vs a 40-step Bible fine-tune of it; see the README). "
+             "`mdiff demo` (SmolLM2-135M-Instruct vs a narrow, anchored 100-step Bible fine-tune of it; see the README). "
              "Wall seconds / CPU seconds of the demo's process per stage; the load average (1 min) "
              "says how much other work shared the 2 cores: above 2, wall times are longer than on an "
              "idle machine.", ""]
