@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="real models offline: SmolLM2 vs a Bible fine-tune of it, with a checked finding")
     s.add_argument("directory", nargs="?", default="runs/demo")
     s.add_argument("--kjv", help="the King James Bible as `bible` prints it, instead of Debian's bible-kjv")
-    s.add_argument("--other", help="a plain-text file (blank lines between paragraphs) instead of Austen")
+    s.add_argument("--other", help="a plain-text file (blank lines between paragraphs) instead of Austen: its first "
+                   "half anchors the fine-tune, its second half is analysed")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_demo)
 
