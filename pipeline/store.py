@@ -334,9 +334,14 @@ def write_token_set(root: StoreRoot, tokenset_id: str, n_sequences: int, context
         except zarr.errors.ContainsArrayError:
             return group[name]
 
+    # The attributes go in with the group, not only at the end: zarr's create_group checks for an
+    # existing group and then writes, so a second job that passed the check while the first was
+    # finishing rewrote the group's metadata after the first had completed; with empty attributes
+    # that lost n_train_sequences under the first job's feet. Now every writer writes the same.
+    final_attrs = {"format_version": FORMAT_VERSION, **attrs}
     with write_errors(f"the metadata of token set {root.url}/{path}", 0, root):
         try:
-            group = zarr.create_group(store=store, path=path, attributes={})
+            group = zarr.create_group(store=store, path=path, attributes=final_attrs)
         except zarr.errors.ContainsGroupError:
             group = zarr.open_group(store=store, path=path, mode="r+")
         tokens = member(group, "tokens", shape=(n_sequences, context_length), dtype="int32",
@@ -357,7 +362,7 @@ def write_token_set(root: StoreRoot, tokenset_id: str, n_sequences: int, context
         start = stop
     if start != n_sequences:
         raise StoreError(f"token set {tokenset_id}: got {start} sequences, expected {n_sequences}")
-    group.attrs.update({"format_version": FORMAT_VERSION, **attrs})
+    group.attrs.update(final_attrs)  # a group created by an older version has none yet
     root.write_json(f"{path}/_complete.json", {"n_sequences": n_sequences, "time": time.time()})
     return open_token_set(root, tokenset_id)
 

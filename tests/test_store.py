@@ -135,6 +135,23 @@ def test_token_set_written_idempotently(tmp_path):
     assert not S.token_set_complete(root, "ts-short")
 
 
+def test_token_set_metadata_is_final_from_the_first_write(tmp_path):
+    """zarr's create_group checks, then writes: a second job can rewrite the group's metadata after
+    the first has completed. Both must then write the same attributes, so they are written with
+    the group, before any token, not only at the end."""
+    root = _root(tmp_path, "local")
+    toks = np.zeros((8, 4), np.int32)
+    seen = []
+
+    def blocks():
+        meta = json.loads((tmp_path / "store" / S.tokenset_path("ts-x") / "zarr.json").read_text())
+        seen.append(meta["attributes"])
+        yield toks, np.zeros(8, np.uint8)
+
+    S.write_token_set(root, "ts-x", 8, 4, blocks(), {"n_train_sequences": 7})
+    assert seen and seen[0].get("n_train_sequences") == 7 and "format_version" in seen[0]
+
+
 def test_stale_partials_removed_only_when_old(tmp_path):
     import os
     import time
