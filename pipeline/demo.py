@@ -32,7 +32,7 @@ import torch
 
 from . import prepare as P
 from .corpora import Corpora, prepare_corpora
-from .finetune import FinetuneSpec, finetune, heldout_windows, lm_loss, token_stream
+from .finetune import FinetuneSpec, finetune, heldout_windows, lm_loss, relative_move, token_stream
 
 BASE, TUNED = "base", "kjv"  # model names in the experiment; "kjv" is the fine-tuned one
 HOOK_LAYER = 12  # of 30; resid_post. Layers 6..12 are the ones the fine-tune changes
@@ -174,10 +174,7 @@ def check_finetune(base: Path, tuned: Path, corpora: Corpora, *, windows: int = 
     far the residual at the hook moved on each: the evidence that the fine-tune is a real, narrow
     change. Cached next to the fine-tuned model.
 
-    The move is the mean over tokens of ||h_tuned - h_base|| / ||h_base|| (position 0 skipped).
-    Not a ratio of totals: SmolLM2 has massive activations (norm ~3,000 against a mean of ~140)
-    on some delimiter tokens, and one of them in a window decided the total (0.24 on Austen where
-    the tokens' mean is 0.055)."""
+    The move is `finetune.relative_move` of the hook's residual, position 0 skipped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import HookSpec
@@ -206,8 +203,7 @@ def check_finetune(base: Path, tuned: Path, corpora: Corpora, *, windows: int = 
                 residuals[k].append(capture(model, x, hook)[hook[0]][:, 1:])
         del model
     for k, (hb, ht) in residuals.items():
-        moved = (ht - hb).norm(dim=-1) / hb.norm(dim=-1).clamp_min(1e-12)
-        losses[k]["residual change"] = round(float(moved.mean()), 4)
+        losses[k]["residual change"] = round(relative_move(hb, ht), 4)
     cache.write_text(json.dumps({"key": P.artifact_key(inputs), "losses": losses}, indent=1))
     return losses
 

@@ -143,6 +143,10 @@ def test_corpora_from_local_files_are_built_once_and_rebuilt_when_edited(tmp_pat
     assert c.austen.read_text() == "Second one.\n"  # the second half is analysed
     C.prepare_corpora(tmp_path / "c", logs.append, kjv=kjv, other=other)
     assert logs[-1].startswith("corpora: reusing")
+    short = tmp_path / "short.txt"
+    short.write_text("One paragraph only.\n")
+    with pytest.raises(C.CorpusError, match="needs at least two"):
+        C.prepare_corpora(tmp_path / "short", logs.append, kjv=kjv, other=short)
     c.kjv_new.write_text("edited")
     again = C.prepare_corpora(tmp_path / "c", logs.append, kjv=kjv, other=other)
     assert not logs[-1].startswith("corpora: reusing") and again.kjv_new.read_text().startswith("The book")
@@ -258,6 +262,15 @@ def test_an_anchor_keeps_the_change_off_the_general_text(tiny, tmp_path):
         F.finetune(base, text, tmp_path / "x", "ft", held, **QUIET)
     with pytest.raises(ValueError, match="first_layer"):
         F.FinetuneSpec(first_layer=2, train_layers=2)
+
+
+def test_relative_move_is_a_mean_over_tokens_not_led_by_one_massive_token():
+    before = torch.ones(1, 100, 4)
+    before[0, 0] *= 100  # one massive activation, as SmolLM2 has on a few tokens
+    after = before * 1.1
+    after[0, 0] = before[0, 0] * 2  # it moves by 100%, the others by 10%
+    assert F.relative_move(before, after) == pytest.approx((99 * 0.1 + 1.0) / 100)
+    assert float((after - before).norm() / before.norm()) > 0.9  # a ratio of totals: led by one token
 
 
 def test_artifact_records_are_written_last(tmp_path):
