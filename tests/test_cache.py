@@ -146,6 +146,25 @@ def test_bad_inputs_fail_before_writing(tmp_path, fx):
     assert not (tmp_path / "s2" / "tokensets").exists()
 
 
+def test_a_chat_model_naming_another_end_token_is_cached_with_a_note(tmp_path, fx):
+    """A base model and its chat version (Llama-3.1 and -Instruct) share the vocabulary but name
+    different end-of-text tokens: caching both works, and the job says which tokenizer built the ids."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    chat = shutil.copytree(fx["models"]["llama-s1"], tmp_path / "chat-model")
+    chat_tok = AutoTokenizer.from_pretrained(chat)
+    chat_tok.eos_token = chat_tok.pad_token  # another token of the same vocabulary ends a turn
+    chat_tok.save_pretrained(chat)
+    cfg = write_config(tmp_path / "t.toml", fx, models=("llama-s0",), store="s",
+                       extra_models=f'[[models]]\nname = "chat"\npath = "{chat}"\n\n')
+    logs = []
+    report = C.run_cache(load_config(cfg), log=logs.append, progress=False)
+    assert [m.name for m in report.models] == ["llama-s0", "chat"]
+    assert any("share a vocabulary" in line and "'llama-s0''s" in line for line in logs)
+
+
 def test_cli_cache_status_verify(tmp_path, fx, capsys):
     cfg = write_config(tmp_path / "exp.toml", fx, models=("llama-s0",))
     assert cli_main(["cache", str(cfg), "--no-progress"]) == 0
