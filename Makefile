@@ -59,7 +59,7 @@ smoke: setup
 # Ground truth for dictionaries: synthetic features with a known true L0, a lockstep k sweep,
 # features recovered and the true L0 estimated from decoder projections (runs/toy/summary.md).
 toy: setup
-	$(BIN)/python -m evals.toy_study runs/toy
+	$(BIN)/mdiff toy runs/toy
 
 test: setup
 	$(BIN)/python -m pytest

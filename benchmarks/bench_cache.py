@@ -114,11 +114,11 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/cache.json")
     args = ap.parse_args()
 
+    from mdiff.config import load_config
+    from mdiff.tiny import make_corpus, make_tokenizer
     from pipeline import cache as C
     from pipeline import models as M
     from pipeline import store as S
-    from pipeline.config import load_config
-    from pipeline.tiny import make_corpus, make_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="mdiff-bench-"))
     corpus = make_corpus(work / "corpus", n_docs=max(200, args.tokens // 20))["text"]

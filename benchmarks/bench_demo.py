@@ -26,7 +26,7 @@ from bench_cache import write_section  # noqa: E402
 def run_once(directory: Path) -> dict:
     """One `mdiff demo` in a child process; its recorded timings plus the child's wall time."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", str(directory), "--no-progress"],
+    subprocess.run([sys.executable, "-m", "mdiff.cli", "demo", str(directory), "--no-progress"],
                    check=True, cwd=Path(__file__).resolve().parents[1])
     result = json.loads((directory / "demo-result.json").read_text())
     result["process_wall_s"] = round(time.perf_counter() - t0, 1)

@@ -143,11 +143,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from evals import splice as SP
+    from mdiff.config import load_config
+    from mdiff.tiny import make_corpus, make_tokenizer
     from pipeline import models as M
     from pipeline import store as S
     from pipeline.cache import run_cache
-    from pipeline.config import load_config
-    from pipeline.tiny import make_corpus, make_tokenizer
     from trainer.dictionaries import load_dictionary
     from trainer.train import run_train
 

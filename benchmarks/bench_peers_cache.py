@@ -53,9 +53,9 @@ from peer_fixture import (
 )
 from peer_fixture import write_config as write_experiment
 
+from mdiff.config import load_config
 from pipeline import store as S
 from pipeline.cache import run_cache
-from pipeline.config import load_config
 
 try:
     from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig

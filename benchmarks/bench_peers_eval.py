@@ -62,9 +62,9 @@ from peer_fixture import (
 from peer_fixture import write_config as write_experiment
 
 from evals.splice import evaluate_dictionary
+from mdiff.config import load_config
 from pipeline import store as S
 from pipeline.cache import run_cache
-from pipeline.config import load_config
 from trainer.dictionaries import load_dictionary
 from trainer.formats.saelens import export
 from trainer.train import run_train

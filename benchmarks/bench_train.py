@@ -61,7 +61,7 @@ from bench_cache import write_section
 from bench_helpers import drop_page_cache
 
 from pipeline import store as S
-from pipeline.config import DictionarySpec, TrainSpec
+from trainer.config import DictionarySpec, TrainSpec
 from trainer.loader import ActivationLoader
 from trainer.train import _new_member, _train_step
 

@@ -22,14 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from check_saelens_format import D, M, SCALE, TOLERANCE, compare, ours_raw, raw_activations  # noqa: E402
+from check_saelens_format import SCALE, TOLERANCE, D, M, compare, ours_raw, raw_activations  # noqa: E402
 
 from trainer.formats import dictionary_learning as ours_dl  # noqa: E402
 
 
 def classes():
-    from dictionary_learning.dictionary import (AutoEncoder, AutoEncoderNew, GatedAutoEncoder,
-                                                JumpReluAutoEncoder)
+    from dictionary_learning.dictionary import AutoEncoder, AutoEncoderNew, GatedAutoEncoder, JumpReluAutoEncoder
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
     from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE
     from dictionary_learning.trainers.top_k import AutoEncoderTopK

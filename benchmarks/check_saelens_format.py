@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import DictionarySpec  # noqa: E402
+from trainer.config import DictionarySpec
 from trainer.dictionaries import build_dictionary  # noqa: E402
 from trainer.formats import saelens as ours_saelens  # noqa: E402
 

@@ -57,7 +57,7 @@ class TinyLM:
 
 def trained_tiny_model(work: Path = DEFAULT_WORK, recipe: LMRecipe = LMRecipe(), log=print) -> TinyLM:
     """Build (or reuse) the corpus, the tokenizer and the briefly trained model."""
-    from pipeline.tiny import make_corpus, make_tokenizer, model_config
+    from mdiff.tiny import make_corpus, make_tokenizer, model_config
 
     d = Path(work) / f"lm-{recipe.key()}"
     done = d / "trained.json"

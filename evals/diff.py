@@ -54,9 +54,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from evals.config import EvalExperiment as ExperimentConfig
+from evals.config import EvalSpec, TokenClassSpec
 from pipeline import experiment as E
 from pipeline import store as S
-from pipeline.config import EvalSpec, ExperimentConfig, TokenClassSpec
 
 from . import latent_page as P
 

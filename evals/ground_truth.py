@@ -1,6 +1,6 @@
 """Dictionaries scored against known features (synthetic data), and the true L0 read off a k sweep.
 
-On data made by pipeline/synthetic.py the features are known, so a dictionary can be checked
+On data made by mdiff/synthetic.py the features are known, so a dictionary can be checked
 directly instead of through proxies:
 
 * recovery: for each true feature, the best cosine similarity with any decoder row; a feature
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.config import DictionarySpec
+from trainer.config import DictionarySpec
 from trainer.dictionaries import Dictionary, build_dictionary
 
 RECOVERED_ABOVE = 0.9

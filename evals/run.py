@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from evals.config import EvalExperiment as ExperimentConfig
+from evals.config import EvalSpec
 from pipeline import experiment as E
 from pipeline import models as M
-from pipeline.config import ConfigError, EvalSpec, ExperimentConfig
+from pipeline.typed_config import ConfigError
 
 from .diff import analyse_dictionary
 from .splice import evaluate_dictionary

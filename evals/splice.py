@@ -78,10 +78,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from evals.config import EvalExperiment as ExperimentConfig
 from pipeline import experiment as E
 from pipeline import models as M
 from pipeline import store as S
-from pipeline.config import ExperimentConfig, HookSpec
+from pipeline.config import HookSpec
 from trainer.dictionaries import CONFIG_FILE, Dictionary, load_dictionary
 
 SPLICE_FILE = "splice.json"

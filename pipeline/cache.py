@@ -18,11 +18,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.config import CacheExperiment as ExperimentConfig
+from pipeline.config import CacheSpec, HookSpec, ModelSpec
+from pipeline.config_files import dump_config
+from pipeline.typed_config import ConfigError
+
 from . import experiment as E
 from . import models as M
 from . import store as S
 from . import tokens as T
-from .config import CacheSpec, ConfigError, ExperimentConfig, HookSpec, ModelSpec, dump_config
 
 
 @dataclass

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config import CacheExperiment as ExperimentConfig
+from pipeline.config import HookSpec, ModelSpec
+from pipeline.typed_config import ConfigError
+
 from . import models as M
 from . import store as S
 from . import tokens as T
-from .config import ConfigError, ExperimentConfig, HookSpec, ModelSpec
 
 
 @dataclass

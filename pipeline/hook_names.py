@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .config import HookSpec
+from pipeline.config import HookSpec
 
 _TL_HOOK = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
 _LABEL = re.compile(r"layer(\d+)\.(resid_pre|resid_post)")

@@ -16,10 +16,11 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -302,8 +303,12 @@ def _cached_revisions(repo: str, cache_dir: str | None) -> list[str] | None:
 
 
 def _hub_hint(spec: ModelSpec, exc: BaseException, cache_dir: str | None) -> str:
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     revision = spec.revision or "main"
     download = f"download it first (`hf download {spec.repo} --revision {revision}`) or set HF_HUB_OFFLINE=0"

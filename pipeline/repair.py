@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
+from pipeline.config import CacheExperiment as ExperimentConfig
+from pipeline.config import HookSpec, ModelSpec
+
 from . import experiment as E
 from . import models as M
 from . import store as S
 from .cache import compute_shard
-from .config import ExperimentConfig, HookSpec, ModelSpec
 
 
 @dataclass

@@ -31,6 +31,8 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
+from pipeline.locations import is_remote, local_path
+
 try:  # zlib's CRC-32, ~4x faster (13-16 vs 3.7 GB/s here): the loader checks every chunk it reads
     from zlib_ng.zlib_ng import crc32
 except ImportError:  # pragma: no cover - zlib-ng is a dependency; zlib gives the same values
@@ -103,10 +105,6 @@ def is_no_space(exc: BaseException) -> bool:
     return False
 
 
-def _is_url(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 class StoreRoot:
     """A store root on a local disk or any fsspec filesystem.
 
@@ -116,9 +114,9 @@ class StoreRoot:
     """
 
     def __init__(self, url: str, storage_options: dict | None = None):
-        self.url = url.rstrip("/") if _is_url(url) else url.removeprefix("file://")
+        self.url = url.rstrip("/") if is_remote(url) else local_path(url)
         self.storage_options = dict(storage_options or {})
-        self.is_local = not _is_url(self.url)
+        self.is_local = not is_remote(self.url)
         self.fs, self.base = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.base = self.base.rstrip("/")
         self._zarr_store = None

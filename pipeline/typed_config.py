@@ -12,7 +12,6 @@ import difflib
 import math
 import re
 import reprlib
-import sys
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -147,7 +146,7 @@ def _convert_dataclass(cls: type, data: Any, where: str, errors: list[str], rule
         problem(errors, where, f"expected a table, got {_kind(data)} {show(data)}",
                  f"write a table with keys {', '.join(known)}")
         return _INVALID
-    hints = get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    hints = get_type_hints(cls)  # each base class's fields resolve in its own module
     _report_unknown_keys(cls, data, known, where, errors)
     values: dict[str, Any] = {}
     ok = True

@@ -42,11 +42,11 @@ import os
 from pathlib import Path
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pipeline.config import DictionarySpec
+from trainer.config import DictionarySpec
 
 WEIGHTS_FILE = "dictionary.safetensors"
 # what `Dictionary.loss` returns beside its scalar terms (the trainer logs only the scalars)

@@ -18,8 +18,11 @@ from tqdm.auto import tqdm
 from pipeline import experiment as E
 from pipeline import models as M
 from pipeline import store as S
+from pipeline.config_files import dump_config
 from pipeline.store import is_no_space
-from pipeline.config import ConfigError, DictionarySpec, ExperimentConfig, TrainSpec, dump_config
+from pipeline.typed_config import ConfigError
+from trainer.config import DictionarySpec, TrainSpec
+from trainer.config import TrainExperiment as ExperimentConfig
 
 from . import checkpoint as ckpt
 from .dictionaries import TENSOR_TERMS, Dictionary, build_dictionary

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import dictionary_learning, gemma_crosscoder, saelens
-from .common import FormatError, ForeignDictionary
+from .common import ForeignDictionary, FormatError
 
 READERS = {"saelens": saelens.read, "dictionary_learning": dictionary_learning.read,
            "gemma_crosscoder": gemma_crosscoder.read}

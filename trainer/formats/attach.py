@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import experiment as E
 from pipeline import store as S
-from pipeline.config import ExperimentConfig
+from trainer.config import TrainExperiment as ExperimentConfig
 from trainer.dictionaries import CONFIG_FILE, WEIGHTS_FILE, load_dictionary
 
 from . import read_foreign, saelens

@@ -22,7 +22,7 @@ import torch
 from einops import einsum
 from torch import Tensor
 
-from pipeline.config import DictionarySpec
+from trainer.config import DictionarySpec
 from trainer.dictionaries import Dictionary, build_dictionary
 
 

@@ -33,8 +33,16 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-from .common import (FormatError, ForeignDictionary, absorb_b_dec, assemble, check_keys,
-                     load_pt_state_dict, positive_scales, sha256_file)
+from .common import (
+    ForeignDictionary,
+    FormatError,
+    absorb_b_dec,
+    assemble,
+    check_keys,
+    load_pt_state_dict,
+    positive_scales,
+    sha256_file,
+)
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"

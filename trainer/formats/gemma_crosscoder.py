@@ -25,8 +25,16 @@ from pathlib import Path
 
 from pipeline import hook_names
 
-from .common import (FormatError, ForeignDictionary, absorb_b_dec, assemble, check_keys,
-                     load_pt_state_dict, positive_scales, sha256_file)
+from .common import (
+    ForeignDictionary,
+    FormatError,
+    absorb_b_dec,
+    assemble,
+    check_keys,
+    load_pt_state_dict,
+    positive_scales,
+    sha256_file,
+)
 
 WEIGHTS_FILE = "cc_weights.pt"
 CFG_FILE = "cfg.json"

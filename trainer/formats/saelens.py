@@ -41,8 +41,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import hook_names
 from trainer.dictionaries import Dictionary
 
-from .common import (FormatError, ForeignDictionary, absorb_b_dec, assemble, check_keys,
-                     positive_scales, sha256_file)
+from .common import ForeignDictionary, FormatError, absorb_b_dec, assemble, check_keys, positive_scales, sha256_file
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

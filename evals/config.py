@@ -1,0 +1,95 @@
+"""The `[eval]` section: which dictionaries are spliced back, on how much data, and what is shown."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.config_checks import absolute_path, check_name, check_size
+from pipeline.typed_config import Check, join_key, problem, show
+from trainer.config import TrainExperiment
+
+
+@dataclass(frozen=True)
+class TokenClassSpec:
+    """A named set of token positions, for per-class latent statistics (e.g. chat-template tokens)."""
+
+    name: str
+    kind: Literal["tokens", "regex", "special"]  # listed token strings | regex on the decoded token | special tokens
+    values: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    dictionaries: list[str] = field(default_factory=list)  # names from [train]; default: all
+    n_sequences: int = 256  # validation sequences spliced per model
+    batch_size: int = 8  # sequences per forward pass
+    specific_below: float = 0.1  # 2 models: relative norm below this -> specific to the first model
+    specific_above: float = 0.9  # ... above this -> specific to the second model
+    shared_band: list[float] = field(default_factory=lambda: [0.3, 0.7])  # relative norm -> shared
+    top_latents: int = 50  # latents shown in the HTML page and the CSV
+    contexts_per_latent: int = 8  # top-activating text snippets per latent
+    context_tokens: int = 12  # tokens of context on each side of a snippet's token
+    token_classes: list[TokenClassSpec] = field(default_factory=list)
+    out_dir: str | None = None  # default: <train.out_dir>/eval
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvalExperiment(TrainExperiment):
+    """The experiment file through `[eval]`."""
+
+    eval: EvalSpec | None = None
+
+
+def check_eval_experiment(values: dict, where: str, errors: list[str], *, base_dir: str) -> None:
+    """`[eval]` names dictionaries of `[train]`; its out_dir is made absolute."""
+    if values.get("eval") is not None:
+        ev = values["eval"]
+        names = [d.name for d in values["train"].dictionaries] if values.get("train") else []
+        if not values.get("train"):
+            problem(errors, join_key(where, "eval"), "needs a [train] section",
+                    "add [train] with the dictionaries to evaluate")
+        for i, n in enumerate(ev.dictionaries):
+            if names and n not in names:
+                problem(errors, f"{join_key(where, 'eval.dictionaries')}[{i}]",
+                        f"{show(n)} is not a [[train.dictionaries]] name", f"use one of {', '.join(map(show, names))}")
+        if ev.out_dir is not None:
+            values["eval"] = dataclasses.replace(ev, out_dir=absolute_path(ev.out_dir, base_dir))
+
+
+def rules() -> dict[type, Check]:
+    return {EvalSpec: _check_eval, TokenClassSpec: _check_token_class}
+
+
+def _check_eval(values: dict, where: str, errors: list[str]) -> None:
+    for key, minimum, why in [("n_sequences", 1, "validation sequences to splice; use e.g. 256"),
+                              ("batch_size", 1, "sequences per forward pass"),
+                              ("top_latents", 1, "latents listed in the page and CSV"),
+                              ("contexts_per_latent", 1, "snippets per latent"),
+                              ("context_tokens", 0, "tokens of context each side")]:
+        check_size(values, key, where, errors, minimum, why)
+    lo, hi = values.get("specific_below"), values.get("specific_above")
+    if lo is not None and hi is not None and not 0 <= lo < hi <= 1:
+        problem(errors, join_key(where, "specific_below"), f"{lo} and specific_above {hi}",
+                "need 0 <= specific_below < specific_above <= 1 (relative decoder norms lie in [0, 1])")
+    band = values.get("shared_band")
+    if band is not None and not (len(band) == 2 and 0 <= band[0] < band[1] <= 1):
+        problem(errors, join_key(where, "shared_band"), f"is {band}", "give [low, high] with 0 <= low < high <= 1")
+
+
+def _check_token_class(values: dict, where: str, errors: list[str]) -> None:
+    if "name" in values:
+        check_name(values["name"], join_key(where, "name"), errors, "token class")
+    if values.get("kind") in ("tokens", "regex") and not values.get("values"):
+        problem(errors, join_key(where, "values"), f"is empty for kind {show(values['kind'])}",
+                "list the token strings (kind tokens) or one regex (kind regex)")
+    if values.get("kind") == "regex":
+        for i, v in enumerate(values.get("values") or []):
+            try:
+                re.compile(v)
+            except re.error as e:
+                problem(errors, f"{join_key(where, 'values')}[{i}]", f"is not a valid regex ({e})",
+                        "fix the pattern (Python re syntax)")

@@ -1,0 +1,31 @@
+"""The whole pipeline through the command line, as `make smoke` runs it, on a tiny experiment."""
+
+import json
+from html.parser import HTMLParser
+
+from mdiff.cli import main as cli_main
+from mdiff.tiny import SMOKE_TRAIN, build_fixture, write_config
+
+
+def test_cache_train_eval_report(tmp_path, capsys):
+    fx = build_fixture(tmp_path, archs=("llama",), seeds=(0, 1), n_docs=600, d_model=32, n_layers=3)
+    train = (SMOKE_TRAIN.replace("steps = 200", "steps = 40").replace("eval_every = 100", "eval_every = 20")
+             .replace("checkpoint_every = 100", "checkpoint_every = 20")
+             .replace("batch_size = 512", "batch_size = 256"))
+    cfg = write_config(tmp_path / "exp.toml", fx, n_tokens=8192, hooks=((1, "resid_post"),),
+                       name="cli", train=train)
+    for cmd in (["cache"], ["train"], ["eval"], ["report"]):
+        assert cli_main([*cmd, str(cfg), *(["--no-progress"] if cmd != ["report"] else [])]) == 0
+    out = capsys.readouterr().out
+    assert "| cli | llama-s0 vs. llama-s1 |" in out and "report.tex" in out
+    ev = tmp_path / "train" / "eval"
+    for name in ("batchtopk-k8", "relu-l1"):
+        splice = json.loads((ev / name / "splice.json").read_text())
+        assert set(splice["metrics"]["per_model"]) == {"llama-s0", "llama-s1"}
+        assert (ev / name / "relative_norms.png").stat().st_size > 0
+        HTMLParser().feed((ev / name / "latents.html").read_text())
+    assert (tmp_path / "train" / "report" / "report.md").exists()
+    # a second eval on a config without [train] is refused with a clear message, no traceback
+    bare = write_config(tmp_path / "bare.toml", fx, n_tokens=8192, hooks=((1, "resid_post"),))
+    assert cli_main(["eval", str(bare)]) == 2
+    assert "train: missing" in capsys.readouterr().err

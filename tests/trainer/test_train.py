@@ -1,0 +1,158 @@
+"""Stage two end to end on a tiny cached store: lockstep sweeps, outputs, resume, folding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mdiff.config import load_config
+from mdiff.tiny import build_fixture, write_config
+from mdiff.tiny import train_section as tiny_train_section
+from pipeline import store as S
+from pipeline.cache import run_cache
+from trainer import train as T
+from trainer.dictionaries import load_dictionary
+
+
+def train_section(models, dictionaries, steps=60, checkpoint_every=20, batch=256, extra=""):
+    return tiny_train_section(models, dictionaries, steps=steps, checkpoint_every=checkpoint_every,
+                              batch_size=batch, extra=extra)
+
+BTK = 'name = "btk"\narchitecture = "batchtopk"\nn_latents = 128\nk = 4'
+RELU = ('name = "relu"\narchitecture = "relu"\nn_latents = 128\nl1_coefficient = 0.1\n'
+        'l1_warmup_steps = 10\nresample_dead_every = 25')
+TOPK = 'name = "topk"\narchitecture = "topk"\nn_latents = 64\nk = 4\nk_start = 16\nk_schedule_steps = 30'
+JUMP = 'name = "jump"\narchitecture = "jumprelu"\nn_latents = 64\nl0_coefficient = 0.01'
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """One cached store with three tiny models, shared by the tests (training only reads it)."""
+    d = tmp_path_factory.mktemp("train")
+    fx = build_fixture(d, archs=("llama",), seeds=(0, 1, 2), n_docs=600, d_model=32, n_layers=3)
+    cfg = write_config(d / "cache.toml", fx, n_tokens=8192, hooks=((1, "resid_post"),),
+                       store=str(d / "store"))
+    run_cache(load_config(cfg), log=lambda *a: None, progress=False)
+    return d, fx
+
+
+def config_with(cached, name, train) -> Path:
+    d, fx = cached
+    return write_config(d / f"{name}.toml", fx, n_tokens=8192, hooks=((1, "resid_post"),),
+                        store=str(d / "store"), name=name, train=train)
+
+
+def records(out: Path, name: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["dictionary"] == name]
+
+
+def test_lockstep_sweep_of_saes_trains_and_saves(cached):
+    cfg = load_config(config_with(cached, "saes", train_section(["llama-s0"], [BTK, RELU, TOPK, JUMP])))
+    report = T.run_train(cfg, log=lambda *a: None, progress=False)
+    out = report.out_dir
+    for name in ("btk", "relu", "topk", "jump"):
+        meta = json.loads((out / name / "config.json").read_text())
+        assert meta["n_models"] == 1 and meta["models"] == ["llama-s0"]
+        assert meta["tokenset_id"].startswith("ts-") and len(meta["scales"]) == 1
+        assert sorted(p.suffix for p in (out / name).iterdir()) == [".json", ".safetensors"]
+        train_lines = [r for r in records(out, name) if "fvu" in r]
+        assert train_lines[-1]["fvu"] < 0.8 * train_lines[0]["fvu"], name
+        assert "val/fvu" in records(out, name)[-1]
+    # the logged loss is the objective: mse plus the weighted penalty (constant weights here)
+    for name, coefficient, term in (("btk", 1 / 32, "aux"), ("topk", 1 / 32, "aux"),
+                                    ("jump", 0.01, "l0_penalty")):
+        for r in (r for r in records(out, name) if "mse" in r):
+            assert r["loss"] == pytest.approx(r["mse"] + coefficient * r[term], rel=1e-5), name
+    # the k schedule moved from 16 to 4
+    ks = [r["k"] for r in records(out, "topk") if "k" in r]
+    assert ks[0] > ks[-1] == 4
+
+
+def test_three_model_crosscoders_train(cached):
+    cfg = load_config(config_with(cached, "cc3", train_section(["llama-s0", "llama-s1", "llama-s2"],
+                                                               [BTK, RELU])))
+    report = T.run_train(cfg, log=lambda *a: None, progress=False)
+    for name in ("btk", "relu"):
+        d = load_dictionary(report.out_dir / name)
+        assert d.W_dec.shape[1] == 3
+        lines = [r for r in records(report.out_dir, name) if "fvu" in r]
+        assert lines[-1]["fvu"] < 0.8 * lines[0]["fvu"]
+        assert {"fvu/0", "fvu/1", "fvu/2"} <= set(lines[-1])
+
+
+def test_resume_is_bit_identical(cached, monkeypatch):
+    # checkpoints between log lines (every 15 steps, logs every 10): the resumed run must carry
+    # the running sums of the unfinished log line
+    sweep = train_section(["llama-s0", "llama-s1"], [BTK, RELU], checkpoint_every=15)
+    full = T.run_train(load_config(config_with(cached, "full", sweep)), log=lambda *a: None,
+                       progress=False)
+
+    cfg = load_config(config_with(cached, "cut", sweep))
+    real_step, calls = T._train_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2 * 47:  # two dictionaries per step: dies during step 48
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        T.run_train(cfg, log=lambda *a: None, progress=False)
+    monkeypatch.setattr(T, "_train_step", real_step)
+    resumed = T.run_train(cfg, resume=True, log=lambda *a: None, progress=False)
+    assert resumed.resumed_from == 45
+    for name in ("btk", "relu"):
+        a = load_file(str(full.out_dir / name / "dictionary.safetensors"))
+        b = load_file(str(resumed.out_dir / name / "dictionary.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r for r in map(json.loads, (full.out_dir / "metrics.jsonl").read_text().splitlines())] == \
+           [r for r in map(json.loads, (resumed.out_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_resume_after_the_last_checkpoint_with_a_torn_log_line(cached):
+    """Killed after the final checkpoint, mid-append to metrics.jsonl, before the dictionaries
+    were saved: --resume writes the same dictionaries, final metrics and log."""
+    cfg = load_config(config_with(cached, "torn", train_section(["llama-s0"], [BTK, TOPK], steps=20)))
+    full = T.run_train(cfg, log=lambda *a: None, progress=False)
+    log_file = full.out_dir / "metrics.jsonl"
+    complete = log_file.read_text()
+    saved = {n: (full.out_dir / n / "config.json").read_text() for n in ("btk", "topk")}
+    for n in saved:
+        (full.out_dir / n / "config.json").unlink()
+    log_file.write_text(complete[: len(complete) - 40])  # the last validation line, torn
+    resumed = T.run_train(cfg, resume=True, log=lambda *a: None, progress=False)
+    assert resumed.resumed_from == 20
+    assert log_file.read_text() == complete
+    for n, text in saved.items():
+        assert json.loads((full.out_dir / n / "config.json").read_text()) == json.loads(text)
+
+
+def test_folded_dictionary_works_on_raw_activations(cached):
+    cfg = load_config(config_with(cached, "fold", train_section(["llama-s0", "llama-s1"], [BTK],
+                                                                steps=20)))
+    report = T.run_train(cfg, log=lambda *a: None, progress=False)
+    d = load_dictionary(report.out_dir / "btk").eval()
+    meta = json.loads((report.out_dir / "btk" / "config.json").read_text())
+    root = S.StoreRoot(meta["store"])
+    normed = torch.stack([S.read_rows(S.open_activation_array(root, p), 16, 528).float()
+                          for p in meta["arrays"]], dim=1)
+    scales = torch.tensor(meta["scales"])
+    raw = normed / scales[None, :, None]
+    folded = d.fold_scales(meta["scales"]).eval()
+    expected = d(normed)[0] / scales[None, :, None]
+    torch.testing.assert_close(folded(raw)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_training_before_caching_names_the_command(tmp_path, cached):
+    _, fx = cached
+    cfg = write_config(tmp_path / "nocache.toml", fx, n_tokens=8192, hooks=((1, "resid_post"),),
+                       store=str(tmp_path / "empty"), train=train_section(["llama-s0"], [BTK]))
+    with pytest.raises(S.IncompleteError, match="mdiff cache"):
+        T.run_train(load_config(cfg), log=lambda *a: None, progress=False)
