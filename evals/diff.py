@@ -58,6 +58,7 @@ from evals.config import EvalExperiment as ExperimentConfig
 from evals.config import EvalSpec, TokenClassSpec
 from pipeline import experiment as E
 from pipeline import store as S
+from trainer.trained import open_trained
 
 from . import latent_page as P
 
@@ -753,23 +754,11 @@ class _Inputs:
 
 
 def _open_inputs(dict_dir: Path, cfg: ExperimentConfig, n_sequences: int, device, log) -> _Inputs:
-    from trainer.dictionaries import load_dictionary
-
-    meta = json.loads((dict_dir / "config.json").read_text(encoding="utf-8"))
-    name = meta.get("name") or dict_dir.name
-    if meta.get("folded"):
-        raise ValueError(f"{dict_dir} holds a folded dictionary (weights for raw activations); "
-                         "analyse the unfolded one that training wrote")
-    dictionary = load_dictionary(dict_dir, device=device).eval()
-    names = list(meta["models"])
-    root = S.StoreRoot(cfg.store, cfg.storage_options)
-    root.ensure_format(create=False)
-    ts = S.open_token_set(root, meta["tokenset_id"])
-    arrays = [S.open_activation_array(root, p, require_complete=True) for p in meta["arrays"]]
-    for arr, scale, model in zip(arrays, meta["scales"], names):
-        if not math.isclose(arr.scale, scale, rel_tol=1e-6):
-            raise S.StoreMismatchError(f"{root.url}/{arr.path}: scale {arr.scale}, but {name} was trained "
-                                       f"with {scale} for {model}: the store changed since training")
+    trained = open_trained(dict_dir, cfg, device=device)
+    meta, name, dictionary, root, ts = (trained.meta, trained.name, trained.dictionary, trained.root,
+                                        trained.token_set)
+    names = trained.models
+    arrays = list(trained.arrays)
     columns = [JOINT] if dictionary.n_models > 1 else list(names)
     if dictionary.n_models == 1:  # the SAE on every other model cached at the same hook and width
         hook = E.hook_by_label(cfg, meta["hook"])
@@ -791,7 +780,7 @@ def _open_inputs(dict_dir: Path, cfg: ExperimentConfig, n_sequences: int, device
     if n_seq <= 0:
         raise ValueError(f"token set {ts.id} has no validation sequences to analyse")
     return _Inputs(dictionary, meta, name, ts, columns, arrays, np.asarray(ts.tokens[first:first + n_seq]),
-                   first, bool((meta.get("train") or {}).get("include_first_position", False)))
+                   first, trained.include_first_position)
 
 
 def _check_tokenizer(tokenizer, ts: S.TokenSet, log) -> None:

@@ -79,11 +79,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from evals.config import EvalExperiment as ExperimentConfig
-from pipeline import experiment as E
 from pipeline import models as M
 from pipeline import store as S
 from pipeline.config import HookSpec
-from trainer.dictionaries import CONFIG_FILE, Dictionary, load_dictionary
+from trainer.dictionaries import Dictionary
+from trainer.trained import TrainedDictionaryError, check_model_identity, open_trained
 
 SPLICE_FILE = "splice.json"
 VARIANTS = ("clean", "spliced", "zero_ablation", "mean_ablation")
@@ -91,11 +91,8 @@ STORE_MISMATCH_LIMIT = 0.25  # store_rel_error above this: the stored rows are n
 _LOGIT_ELEMENTS = 1 << 24  # float32 logits per variant materialised at once (64 MiB)
 _CODE_ELEMENTS = 1 << 26  # dictionary codes materialised at once (256 MiB)
 _EPS = 1e-12
-_REQUIRED_META = ("models", "arrays", "scales", "hook", "tokenset_id", "store")
-
-
-class SpliceError(ValueError):
-    """The dictionary, the experiment config and the store do not belong together."""
+class SpliceError(TrainedDictionaryError):
+    """The dictionary cannot be spliced into its models (e.g. an imported cache without weights)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,49 +303,6 @@ def variant_losses(model: nn.Module, final: Tensor, ids: Tensor, n_variants: int
 # ----------------------------------------------------------------------------------------------
 
 
-def _same_store(a: str, b: str) -> bool:
-    if "://" in a or "://" in b:
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _read_meta(dict_dir: Path) -> dict:
-    path = dict_dir / CONFIG_FILE
-    if not path.is_file():
-        raise SpliceError(f"{dict_dir} holds no {CONFIG_FILE}: point at a trained dictionary's folder "
-                          "(<train.out_dir>/<dictionary name>/), not at a checkpoint")
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    missing = [k for k in _REQUIRED_META if k not in meta]
-    if missing:
-        raise SpliceError(f"{path} lacks {missing}: it was not written by `mdiff train` (which "
-                          "records the store, token set, hook and arrays a dictionary was trained on)")
-    return meta
-
-
-def _identity_without_dtype(identity: dict) -> dict:
-    return {k: v for k, v in identity.items() if k != "dtype"}
-
-
-def _check_against_config(meta: dict, cfg: ExperimentConfig, dict_dir: Path) -> None:
-    if not _same_store(meta["store"], cfg.store):
-        raise SpliceError(
-            f"dictionary {dict_dir} was trained on the store {meta['store']}, but the config "
-            f"{cfg.source_file or cfg.name!r} names the store {cfg.store}: evaluate it with the "
-            "experiment config it was trained with")
-    missing = [n for n in meta["models"] if n not in {m.name for m in cfg.models}]
-    if missing:
-        raise SpliceError(
-            f"dictionary {dict_dir} was trained on models {meta['models']}, but the config "
-            f"{cfg.source_file or cfg.name!r} defines no [[models]] named {missing} (it has "
-            f"{[m.name for m in cfg.models]})")
-    ts_id = E.resolve_token_set(cfg).id
-    if ts_id != meta["tokenset_id"]:
-        raise SpliceError(
-            f"dictionary {dict_dir} was trained on token set {meta['tokenset_id']}, but the config "
-            f"{cfg.source_file or cfg.name!r} defines token set {ts_id} (its [tokens] sources, "
-            "sizes or tokenizer differ): evaluate it with the experiment config it was trained with")
-
-
 def _check_spliceable(meta: dict, cfg: ExperimentConfig, ts: S.TokenSet) -> None:
     """Splicing runs each model on the token set's tokens: imported caches may lack either."""
     problems = []
@@ -366,31 +320,6 @@ def _check_spliceable(meta: dict, cfg: ExperimentConfig, ts: S.TokenSet) -> None
         raise SpliceError("cannot splice: " + "; ".join(problems))
 
 
-def _hook_of(arr: S.ActivationArray, label: str) -> HookSpec:
-    h = arr.attrs.get("hook") or {}
-    hook = HookSpec(int(h["layer"]), h["site"]) if h else None
-    if hook is None or hook.label != label:
-        raise SpliceError(f"{arr.root.url}/{arr.path} holds hook {h.get('label')!r}, but the "
-                          f"dictionary's config.json names {label!r}")
-    return hook
-
-
-def _open_arrays(meta: dict, root: S.StoreRoot) -> tuple[list[S.ActivationArray], HookSpec]:
-    arrays = [S.open_activation_array(root, p, require_complete=True) for p in meta["arrays"]]
-    if len(arrays) != len(meta["models"]) or len(meta["scales"]) != len(arrays):
-        raise SpliceError(f"config.json lists {len(meta['models'])} models, {len(arrays)} arrays "
-                          f"and {len(meta['scales'])} scales")
-    hooks = {_hook_of(a, meta["hook"]) for a in arrays}
-    for arr, scale in zip(arrays, meta["scales"]):
-        if arr.attrs.get("tokenset_id") != meta["tokenset_id"]:
-            raise SpliceError(f"{arr.path} belongs to token set {arr.attrs.get('tokenset_id')}, "
-                              f"not the dictionary's {meta['tokenset_id']}")
-        if not math.isclose(arr.scale, float(scale), rel_tol=1e-6):
-            raise SpliceError(f"{arr.path} has scale {arr.scale}, but the dictionary was trained "
-                              f"with scale {scale}: the array was re-created since training")
-    return arrays, hooks.pop()
-
-
 def _load_models(meta: dict, cfg: ExperimentConfig, arrays: list[S.ActivationArray], device,
                  cache: dict | None) -> list[M.LoadedModel]:
     out = []
@@ -400,15 +329,7 @@ def _load_models(meta: dict, cfg: ExperimentConfig, arrays: list[S.ActivationArr
             lm = M.load_model(cfg.model(name), device=device)
             if cache is not None:
                 cache[name] = lm
-        cached_identity = arr.attrs.get("model") or {}
-        # an imported array's identity names the foreign cache, not weights: nothing to compare
-        # here; the live-vs-stored check of the first batch catches other weights
-        if cached_identity.get("source") != "imported" and \
-                _identity_without_dtype(lm.identity) != _identity_without_dtype(cached_identity):
-            raise SpliceError(
-                f"model {name!r} of the config ({lm.identity}) is not the checkpoint whose "
-                f"activations the dictionary was trained on ({cached_identity}, array {arr.path}): "
-                "its weights differ; fix the model's repo/revision/path in the config")
+        check_model_identity(name, lm.identity, arr)
         if lm.d_model != arr.array.shape[1]:
             raise SpliceError(f"model {name!r} has d_model {lm.d_model}, its array "
                               f"{arr.array.shape[1]}")
@@ -494,15 +415,11 @@ def evaluate_dictionary(dict_dir: str | os.PathLike, cfg: ExperimentConfig, *,
         raise ValueError(f"n_sequences and batch_size must be >= 1, got {n_sequences}, {batch_size}")
     if splice not in ("error", "replace"):
         raise ValueError(f"splice must be 'error' or 'replace', got {splice!r}")
-    meta = _read_meta(dict_dir)
-    _check_against_config(meta, cfg, dict_dir)
     target = M.resolve_device(device)
-
-    root = S.StoreRoot(cfg.store, cfg.storage_options)
-    root.ensure_format(create=False)
-    ts = S.open_token_set(root, meta["tokenset_id"])
+    trained = open_trained(dict_dir, cfg, device=target)
+    meta, ts, arrays, hook, dictionary = (trained.meta, trained.token_set, trained.arrays, trained.hook,
+                                          trained.dictionary)
     _check_spliceable(meta, cfg, ts)
-    arrays, hook = _open_arrays(meta, root)
     names = list(meta["models"])
     ctx = ts.context_length
     if ctx < 3:
@@ -512,11 +429,6 @@ def evaluate_dictionary(dict_dir: str | os.PathLike, cfg: ExperimentConfig, *,
     if len(seqs) == 0:
         raise SpliceError(f"token set {ts.id} has no validation sequences (validation_fraction 0); "
                           "rebuild it with [tokens] validation_fraction > 0")
-
-    dictionary = load_dictionary(dict_dir, device=target).eval()
-    if dictionary.folded:
-        raise SpliceError(f"{dict_dir} is a folded dictionary (raw inputs); evaluate the unfolded "
-                          "one, which works on the store's normalized activations")
     lms = _load_models(meta, cfg, arrays, target, models_cache)
     scales = [float(s) for s in meta["scales"]]
 

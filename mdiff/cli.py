@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from evals.splice import SpliceError
+    from trainer.trained import TrainedDictionaryError
     from pipeline import models, store, tokens
     from pipeline.typed_config import ConfigError
     from trainer.checkpoint import CheckpointError
@@ -22,7 +22,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, store.StoreError, models.ModelLoadError,
             models.UnsupportedModelError, models.TokenizerMismatchError,
-            tokens.TokenSourceError, FileNotFoundError, FormatError, SpliceError, CheckpointError)
+            tokens.TokenSourceError, FileNotFoundError, FormatError, TrainedDictionaryError, CheckpointError)
 
 
 def _root_from_args(args):

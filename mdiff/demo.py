@@ -259,21 +259,15 @@ def source_checks(config: Path, log=print) -> list:
     from evals.by_source import check_source_preference, validation_frequencies
     from evals.diff import decoder_norm_analysis
     from mdiff.config import load_config
-    from pipeline import store as S
-    from trainer.dictionaries import load_dictionary
+    from trainer.trained import open_trained
 
     cfg = load_config(config)
-    root = S.StoreRoot(cfg.store, cfg.storage_options)
     checks = []
     for spec in cfg.train.dictionaries:
-        d = Path(cfg.train.out_dir) / spec.name
-        meta = json.loads((d / "config.json").read_text())
-        dictionary = load_dictionary(d).eval()
-        ts = S.open_token_set(root, meta["tokenset_id"])
-        arrays = [S.open_activation_array(root, p, require_complete=True) for p in meta["arrays"]]
-        analysis = decoder_norm_analysis(dictionary.W_dec, meta["models"], cfg.eval)
-        fa, fb, tokens = validation_frequencies(dictionary, arrays, ts, 0, 1)
-        checks.append(check_source_preference(analysis, meta["models"].index(TUNED), fa, fb,
+        trained = open_trained(Path(cfg.train.out_dir) / spec.name, cfg)
+        analysis = decoder_norm_analysis(trained.dictionary.W_dec, trained.models, cfg.eval)
+        fa, fb, tokens = validation_frequencies(trained.dictionary, trained.arrays, trained.token_set, 0, 1)
+        checks.append(check_source_preference(analysis, trained.models.index(TUNED), fa, fb,
                                               sources=SOURCES, tokens=tokens, dictionary=spec.name))
     return checks
 

@@ -28,6 +28,7 @@ from pipeline.config import HookSpec
 from trainer import train as T
 from trainer.config import DictionarySpec
 from trainer.dictionaries import build_dictionary, load_dictionary
+from trainer.trained import TrainedDictionaryError
 
 HOOKS = ((1, "resid_post"), (2, "resid_pre"))
 N_TOKENS = 4096  # 256 sequences of 16; the last 32 are the validation split
@@ -284,19 +285,21 @@ def test_splice_hooks_and_logits_across_architectures(setup, arch):
 
 
 def test_mismatches_are_named(setup):
+    """Opening a dictionary with another experiment's config, or a model with other weights, is
+    refused with a message naming both sides (the checks of trainer.trained, used by every stage)."""
     config, fx = setup["config"], setup["fx"]
     other_tokens = config("other-tokens", n_tokens=2048)
-    with pytest.raises(SP.SpliceError, match="token set ts-.* token set ts-"):
+    with pytest.raises(TrainedDictionaryError, match="token set ts-.* token set ts-"):
         evaluate(setup, setup["crosscoder"], cfg=other_tokens)
     other_store = config("other-store", store=str(setup["dir"] / "elsewhere"))
-    with pytest.raises(SP.SpliceError, match=r"store .*store.*elsewhere"):
+    with pytest.raises(TrainedDictionaryError, match=r"store .*store.*elsewhere"):
         evaluate(setup, setup["crosscoder"], cfg=other_store)
     swapped = {**fx, "models": {"llama-s0": fx["models"]["llama-s1"],
                                 "llama-s1": fx["models"]["llama-s0"]}}
-    with pytest.raises(SP.SpliceError, match="llama-s0.*weights differ"):
+    with pytest.raises(TrainedDictionaryError, match="llama-s0.*weights differ"):
         SP.evaluate_dictionary(setup["crosscoder"], config("swapped", fixture=swapped), out_dir=None,
                                n_sequences=4, batch_size=4, device="cpu", progress=False)
-    with pytest.raises(SP.SpliceError, match="config.json"):
+    with pytest.raises(TrainedDictionaryError, match="config.json"):
         evaluate(setup, setup["dir"])
 
 
