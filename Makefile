@@ -2,13 +2,15 @@
 #   make demo                      real models offline: SmolLM2 vs a Bible fine-tune of it (CPU; BENCHMARKS.md has its times)
 #   make smoke                     the whole pipeline on tiny random-weight models (about a minute)
 #   make cache CONFIG=configs/pythia-1b-checkpoints.toml
-#   make test                      builds its own environment from scratch, then runs pytest
+#   make test                      builds its own environment from scratch, then ruff, the import contracts and pytest
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# On this project's CPU machines torch==2.13.0 is a local wheel; on a GPU box, override with the
-# CUDA build you want, e.g. make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-TORCH_SPEC ?= torch==2.13.0
+# The torch version is pinned once, in pyproject.toml; it is installed first (on this project's CPU
+# machines a local wheel). On a GPU box, name the CUDA build of the same version, e.g.
+# make setup TORCH_SPEC="torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cu128"
+TORCH_VERSION := $(shell sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' pyproject.toml)
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
 CONFIG ?= runs/smoke/experiment.toml
 STAMP := $(VENV)/.mdiff-installed
 
@@ -61,8 +63,12 @@ smoke: setup
 toy: setup
 	$(BIN)/mdiff toy runs/toy
 
+# Lint and the one-way import contracts (pipeline <- trainer <- evals <- mdiff) first, then the
+# suite on two workers, one test file each at a time (module fixtures are built once per file).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Each benchmark rewrites its own section of BENCHMARKS.md and a JSON file of raw figures.
 # The comparisons with the peer toolkits (SAELens, dictionary_learning, sparsify) run in a
