@@ -70,19 +70,23 @@ test: setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
-# Each benchmark rewrites its own section of BENCHMARKS.md and a JSON file of raw figures.
-# The comparisons with the peer toolkits (SAELens, dictionary_learning, sparsify) run in a
-# separate environment holding them (.venv-peers), never in the project's.
+# Each benchmark (a module of the benchmarks package, run from the repository root) rewrites its
+# own section of BENCHMARKS.md and a JSON file of raw figures in benchmarks/results/.
+# The comparisons with the peer toolkits (SAELens, dictionary_learning, sparsify) and the checks of
+# our export/import formats against them run in a separate environment holding them (.venv-peers),
+# never in the project's.
 bench: setup
-	$(BIN)/python benchmarks/bench_cache.py --out BENCHMARKS.md
-	$(BIN)/python benchmarks/bench_loader.py
-	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python -m benchmarks.bench_cache --out BENCHMARKS.md
+	$(BIN)/python -m benchmarks.bench_loader
+	$(BIN)/python -m benchmarks.bench_eval
 	bash benchmarks/peer_env.sh
-	.venv-peers/bin/python benchmarks/bench_train.py
-	.venv-peers/bin/python benchmarks/bench_peers_cache.py
-	.venv-peers/bin/python benchmarks/bench_peers_read.py
-	.venv-peers/bin/python benchmarks/bench_peers_sweep.py
-	.venv-peers/bin/python benchmarks/bench_peers_eval.py
+	.venv-peers/bin/python -m benchmarks.check_saelens_format
+	.venv-peers/bin/python -m benchmarks.check_dictionary_learning_format
+	.venv-peers/bin/python -m benchmarks.bench_train
+	.venv-peers/bin/python -m benchmarks.bench_peers_cache
+	.venv-peers/bin/python -m benchmarks.bench_peers_read
+	.venv-peers/bin/python -m benchmarks.bench_peers_sweep
+	.venv-peers/bin/python -m benchmarks.bench_peers_eval
 
 clean:
 	rm -rf runs/smoke .pytest_cache

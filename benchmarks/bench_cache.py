@@ -23,55 +23,24 @@ from pathlib import Path
 
 import torch
 
-
-def build_model_dir(d: Path, tokenizer, shape: str) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    sizes = {
-        "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                             num_key_value_heads=3, intermediate_size=1536, vocab_size=49152),
-        "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256),
-    }[shape]
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**sizes, max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
-                      tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(cfg)
-    path = d / f"bench-{shape}"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from benchmarks.common.fixtures import build_model_dir
+from benchmarks.common.helpers import write_section
 
 
-def write_config(d: Path, model_dir: Path, corpus: Path, n_tokens: int, ctx: int, layer: int,
-                 batch: int, device: str, dtype: str, compression: str) -> Path:
-    text = f'''name = "bench"
-store = "{d / 'store'}"
-[[models]]
-name = "bench"
-path = "{model_dir}"
-device = "{device}"
-dtype = "{dtype}"
-[[hooks]]
-layer = {layer}
-site = "resid_post"
-[tokens]
-context_length = {ctx}
-n_tokens = {n_tokens}
-validation_fraction = 0.0
-[[tokens.sources]]
-kind = "text"
-paths = ["{corpus}"]
-[cache]
-chunk_tokens = {max(ctx, 4096 // ctx * ctx)}
-shard_tokens = {max(ctx, 16384 // ctx * ctx)}
-batch_size = {batch}
-scale_sample_tokens = {ctx * batch}
-compression = "{compression}"
-'''
-    p = d / "bench.toml"
-    p.write_text(text)
-    return p
+def write_experiment(d: Path, model_dir: Path, corpus: Path, n_tokens: int, ctx: int, layer: int,
+                     batch: int, device: str, dtype: str, compression: str) -> Path:
+    from pipeline.config_files import write_config
+
+    return write_config(d / "bench.toml", {
+        "name": "bench",
+        "store": str(d / "store"),
+        "models": [{"name": "bench", "path": str(model_dir), "device": device, "dtype": dtype}],
+        "hooks": [{"layer": layer, "site": "resid_post"}],
+        "tokens": {"context_length": ctx, "n_tokens": n_tokens, "validation_fraction": 0.0,
+                   "sources": [{"kind": "text", "paths": [str(corpus)]}]},
+        "cache": {"chunk_tokens": max(ctx, 4096 // ctx * ctx), "shard_tokens": max(ctx, 16384 // ctx * ctx),
+                  "batch_size": batch, "scale_sample_tokens": ctx * batch, "compression": compression},
+    }, header="Written by benchmarks.bench_cache.")
 
 
 def sync(device):
@@ -111,7 +80,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--compression", default="none")
     ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/cache.json")
+    ap.add_argument("--json", default="benchmarks/results/cache.json")
     args = ap.parse_args()
 
     from mdiff.config import load_config
@@ -126,8 +95,8 @@ def main() -> None:
     model_dir = build_model_dir(work, tok, args.shape)
     n_layers = {"smollm2-135m": 30, "llama-1b": 16}[args.shape]
     layer = args.layer if args.layer is not None else n_layers // 2
-    cfg_path = write_config(work, model_dir, corpus, args.tokens, args.ctx, layer, args.batch,
-                            args.device, args.dtype, args.compression)
+    cfg_path = write_experiment(work, model_dir, corpus, args.tokens, args.ctx, layer, args.batch,
+                                args.device, args.dtype, args.compression)
     cfg = load_config(cfg_path)
 
     rows = {"cache": [], "hidden_states": [], "stop_at_layer": []}
@@ -187,20 +156,8 @@ stored as {s['storage_dtype']} ({s['compression']} compression). Median of {s['r
 | (b) forward stopped at the layer, nothing written | {t['stop_at_layer']:,.0f} | {r['ratio_vs_stop_at_layer']:.2f} | >= 0.9 |
 
 Stored bytes per token: {r['stored_bytes_per_token']:,.1f} (raw bfloat16: {r['raw_bf16_bytes_per_token']:,.0f}; the
-difference is the shard index). Raw figures: `benchmarks/cache.json`. Reproduce: `make bench`.
+difference is the shard index). Raw figures: `benchmarks/results/cache.json`. Reproduce: `make bench`.
 """
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md, keeping the others."""
-    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `make bench`.\n"
-    block = f"{begin}\n{body}{end}\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cache import write_section  # noqa: E402
+from benchmarks.common.helpers import RESULTS, ROOT, write_section
 
 
 def run_once(directory: Path) -> dict:
     """One `mdiff demo` in a child process; its recorded timings plus the child's wall time."""
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mdiff.cli", "demo", str(directory), "--no-progress"],
-                   check=True, cwd=Path(__file__).resolve().parents[1])
+                   check=True, cwd=ROOT)
     result = json.loads((directory / "demo-result.json").read_text())
     result["process_wall_s"] = round(time.perf_counter() - t0, 1)
     return result
@@ -56,14 +55,14 @@ def section(runs: list[tuple[str, dict]], notes: str = "") -> str:
                   "| stage | wall s | CPU s |", "|---|---:|---:|"]
         lines += [f"| {k} | {w:,.1f} | {c:,.1f} |" for k, w, c in stage_rows(t)]
         lines.append("")
-    lines.append("Reproduce: `python benchmarks/bench_demo.py` (runs the demo twice in a fresh directory).")
+    lines.append("Reproduce: `python -m benchmarks.bench_demo` (runs the demo twice in a fresh directory).")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", help="demo directory (default: a fresh temporary one, so the first run is from scratch)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mdiff-demo-") as tmp:
         directory = Path(args.dir or tmp).resolve()
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("First run" + ("" if not args.dir else f" (in {directory}: what it already held was reused)"), first),
             ("Second run (everything cached)", second)]
     write_section(Path(args.out), "demo", section(runs))
-    Path(__file__).with_name("demo.json").write_text(json.dumps({"first": first, "second": second}, indent=1))
+    (RESULTS / "demo.json").write_text(json.dumps({"first": first, "second": second}, indent=1))
     return 0
 
 

@@ -21,15 +21,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cache import build_model_dir, write_section
+from benchmarks.common.fixtures import build_model_dir
+from benchmarks.common.helpers import write_section
 
 SHAPE_LAYERS = 30
 
@@ -48,54 +47,25 @@ def perturbed_copy(src: Path, dst: Path, tokenizer, seed: int = 1, rel: float = 
     return dst
 
 
-def write_config(d: Path, models: dict[str, Path], corpus: Path, n_tokens: int, ctx: int,
-                 layer: int, val_fraction: float, latents: int, k: int) -> Path:
-    blocks = "".join(f'[[models]]\nname = "{n}"\npath = "{p}"\ndevice = "cpu"\n\n'
-                     for n, p in models.items())
-    text = f'''name = "bench-eval"
-store = "{d / 'store'}"
-{blocks}
-[[hooks]]
-layer = {layer}
-site = "resid_post"
+def write_experiment(d: Path, models: dict[str, Path], corpus: Path, n_tokens: int, ctx: int,
+                     layer: int, val_fraction: float, latents: int, k: int) -> Path:
+    from pipeline.config_files import write_config
 
-[tokens]
-context_length = {ctx}
-n_tokens = {n_tokens}
-validation_fraction = {val_fraction}
-
-[[tokens.sources]]
-kind = "text"
-paths = ["{corpus}"]
-
-[cache]
-chunk_tokens = {max(ctx, 4096 // ctx * ctx)}
-shard_tokens = {max(ctx, 16384 // ctx * ctx)}
-batch_size = 8
-scale_sample_tokens = {4 * ctx}
-
-[train]
-out_dir = "{d / 'train'}"
-batch_size = 512
-steps = 100
-lr = 1e-3
-lr_warmup_steps = 10
-log_every = 50
-eval_every = 100
-eval_batches = 1
-checkpoint_every = 100
-buffer_tokens = 4096
-device = "cpu"
-
-[[train.dictionaries]]
-name = "btk-{latents}"
-architecture = "batchtopk"
-n_latents = {latents}
-k = {k}
-'''
-    p = d / "bench-eval.toml"
-    p.write_text(text)
-    return p
+    return write_config(d / "bench-eval.toml", {
+        "name": "bench-eval",
+        "store": str(d / "store"),
+        "models": [{"name": n, "path": str(p), "device": "cpu"} for n, p in models.items()],
+        "hooks": [{"layer": layer, "site": "resid_post"}],
+        "tokens": {"context_length": ctx, "n_tokens": n_tokens, "validation_fraction": val_fraction,
+                   "sources": [{"kind": "text", "paths": [str(corpus)]}]},
+        "cache": {"chunk_tokens": max(ctx, 4096 // ctx * ctx), "shard_tokens": max(ctx, 16384 // ctx * ctx),
+                  "batch_size": 8, "scale_sample_tokens": 4 * ctx},
+        "train": {"out_dir": str(d / "train"), "batch_size": 512, "steps": 100, "lr": 1e-3,
+                  "lr_warmup_steps": 10, "log_every": 50, "eval_every": 100, "eval_batches": 1,
+                  "checkpoint_every": 100, "buffer_tokens": 4096, "device": "cpu",
+                  "dictionaries": [{"name": f"btk-{latents}", "architecture": "batchtopk",
+                                    "n_latents": latents, "k": k}]},
+    }, header="Written by benchmarks.bench_eval.")
 
 
 @torch.inference_mode()
@@ -139,7 +109,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/eval.json")
+    ap.add_argument("--json", default="benchmarks/results/eval.json")
     args = ap.parse_args()
 
     from evals import splice as SP
@@ -161,8 +131,8 @@ def main() -> None:
     tok = make_tokenizer(corpus.read_text().split("\n\n"))
     base = build_model_dir(work, tok, "smollm2-135m")
     models = {"base": base, "tuned": perturbed_copy(base, work / "tuned", tok)}
-    cfg = load_config(write_config(work, models, corpus, n_tokens, args.ctx, args.layer, 0.5,
-                                   args.latents, args.k))
+    cfg = load_config(write_experiment(work, models, corpus, n_tokens, args.ctx, args.layer, 0.5,
+                                       args.latents, args.k))
     t0 = time.perf_counter()
     run_cache(cfg, log=quiet, progress=False)
     cache_s = time.perf_counter() - t0
@@ -260,7 +230,7 @@ Overheads are medians over repeats of eval / baseline - 1, each repeat timing bo
 from the median times instead: {r['overhead_vs_plain_4x_of_medians']:+.1%} over the 4 plain forwards,
 {r['overhead_vs_plain_stacked_of_medians']:+.1%} over the stacked one.
 The brief crosscoder's ce_diff: {ce}; explained variance {metrics['explained_variance']:.3f}, l0 {metrics['l0']:.1f}.
-Raw figures: `benchmarks/eval.json`. Reproduce: `python benchmarks/bench_eval.py`.
+Raw figures: `benchmarks/results/eval.json`. Reproduce: `python -m benchmarks.bench_eval`.
 """
 
 

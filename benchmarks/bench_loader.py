@@ -27,7 +27,6 @@ import platform
 import resource
 import shutil
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cache import write_section
-
+from benchmarks.common.helpers import write_section
 from pipeline import store as S
-from trainer.loader import ActivationLoader, _ShardFileReader, aligned_empty
+from trainer.loader import ActivationLoader
+from trainer.readers import ShardFileReader as _ShardFileReader
+from trainer.readers import aligned_empty
 
 HOOK = "layer8.resid_post"
 
@@ -221,7 +220,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/mdiff-bench-loader", help="stores live here (reused if present)")
     ap.add_argument("--keep", action="store_true", help="keep the stores for the next run")
     ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--json", default="benchmarks/loader.json")
+    ap.add_argument("--json", default="benchmarks/results/loader.json")
     args = ap.parse_args()
 
     d, n_models = args.d_model, args.models
@@ -350,8 +349,8 @@ Loader / sequential: **{r['ratio_loader_vs_sequential']:.2f}** against one seque
 **{r['ratio_loader_vs_sequential_threads']:.2f}** against sequential reads with the loader's parallelism.
 zarr / mmap reader: {r['ratio_zarr_vs_mmap']:.2f}. First batch of a fresh loader, cold (it reads a whole
 window first): {fb['loader_mmap']:.1f} s with `mmap`, {fb['loader_zarr']:.1f} s with `zarr`. A token is
-{s['n_models']} rows of {s['d'] * 2:,} bytes. Raw figures: `benchmarks/loader.json`.
-Reproduce: `python benchmarks/bench_loader.py` (about 2.5 minutes).
+{s['n_models']} rows of {s['d'] * 2:,} bytes. Raw figures: `benchmarks/results/loader.json`.
+Reproduce: `python -m benchmarks.bench_loader` (about 2.5 minutes).
 """
 
 

@@ -2,7 +2,7 @@
 
 Run it in the peers' environment (the project plus the peer toolkits, apart from .venv):
 
-    bash benchmarks/peer_env.sh && .venv-peers/bin/python benchmarks/bench_peers_cache.py
+    bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_peers_cache
 
 Both sides cache the same tokens (our token set, handed to SAELens as a pre-tokenized dataset) of the
 same briefly trained tiny model at the same hook (resid_post of its middle layer), with the same
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -29,10 +28,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_cache import write_section
-from bench_helpers import (
+from benchmarks.common.helpers import (
     alternating,
     dir_bytes,
     gpu_note,
@@ -43,24 +39,23 @@ from bench_helpers import (
     peers_missing,
     stamped_log,
     timed,
+    write_section,
 )
-from peer_fixture import (
+from benchmarks.common.peer_fixture import (
     add_common_args,
     recipe_from_args,
-    saelens_hook_name,
     token_dataset,
     trained_tiny_model,
+    write_experiment,
 )
-from peer_fixture import write_config as write_experiment
-
 from mdiff.config import load_config
 from pipeline import store as S
 from pipeline.cache import run_cache
 
 try:
-    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
+    from benchmarks.common.saelens_cache import SAELensCache  # imports SAELens
 except ImportError as e:  # pragma: no cover - the peers' environment is a separate venv
-    sys.exit(peers_missing(e, "bench_peers_cache.py"))
+    sys.exit(peers_missing(e, "bench_peers_cache"))
 
 
 class Ours:
@@ -83,37 +78,6 @@ class Ours:
 
     def bytes_on_disk(self) -> int:
         return dir_bytes(Path(self.cfg.store) / self.path)
-
-
-class SAELens:
-    """CacheActivationsRunner over our token set (pre-tokenized), through HookedProxyLM (the
-    AutoModelForCausalLM path: no TransformerLens conversion, the same Hugging Face forward)."""
-
-    def __init__(self, out: Path, lm, dataset, *, tokens: int, dtype: str, batch: int,
-                 shard_tokens: int):
-        self.out, self.dataset = out, dataset
-        bytes_per_token = lm.recipe.d_model * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
-        # its "buffer" is one shard; + half a token against float rounding in its int(gb * 1e9)
-        gb = (shard_tokens * bytes_per_token + bytes_per_token // 2) / 1e9
-        self.kw = {"dataset_path": str(out / "unused"), "model_name": str(lm.path),
-                   "model_class_name": "AutoModelForCausalLM", "hook_name": saelens_hook_name(lm),
-                   "d_in": lm.recipe.d_model, "context_size": lm.recipe.context_length,
-                   "model_batch_size": batch, "training_tokens": tokens, "buffer_size_gb": gb,
-                   "dtype": dtype, "device": "cpu", "prepend_bos": False,
-                   "new_cached_activations_path": str(out)}
-
-    def reset(self) -> None:
-        shutil.rmtree(self.out, ignore_errors=True)
-
-    def job(self) -> None:
-        CacheActivationsRunner(CacheActivationsRunnerConfig(**self.kw), override_dataset=self.dataset).run()
-
-    def run(self) -> float:
-        self.reset()
-        return timed(self.job)[0]
-
-    def bytes_on_disk(self) -> int:
-        return dir_bytes(self.out)
 
 
 def main() -> None:
@@ -143,8 +107,8 @@ def main() -> None:
     dataset = token_dataset(ts.tokens[:])
     n_tok = ts.n_sequences * ctx
     for dt in ("float32", "bfloat16"):
-        sides[f"saelens/{dt}"] = SAELens(work / f"saelens-{dt}", lm, dataset, tokens=n_tok, dtype=dt,
-                                         batch=args.batch, shard_tokens=args.shard_tokens)
+        sides[f"saelens/{dt}"] = SAELensCache(work / f"saelens-{dt}", lm, dataset, tokens=n_tok, dtype=dt,
+                                              batch=args.batch, shard_tokens=args.shard_tokens)
     skipped = {}
     for name in [n for n in sides if n.startswith("saelens")]:  # untimed: imports, first calls
         try:
@@ -244,7 +208,7 @@ alternating order.
 Bytes per token include every file of the cache: our shard indexes and records; SAELens' int32
 token ids stored next to each activation row (4 bytes per token) and its Arrow metadata. Our token
 ids live once per token set ({r['token_set_bytes_per_token']:.1f} bytes per token here), shared by every model and hook cached on it.
-Raw figures: `benchmarks/peers_cache.json`. Reproduce: `bash benchmarks/peer_env.sh && .venv-peers/bin/python benchmarks/bench_peers_cache.py`.
+Raw figures: `benchmarks/peers_cache.json`. Reproduce: `bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_peers_cache`.
 """
 
 

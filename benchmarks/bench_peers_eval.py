@@ -3,7 +3,7 @@
 
 Run it in the peers' environment:
 
-    bash benchmarks/peer_env.sh && .venv-peers/bin/python benchmarks/bench_peers_eval.py
+    bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_peers_eval
 
 Setup: the briefly trained tiny Llama (CE is meaningless on random weights), its activations cached
 as float32 (so that the SAE sees bit-for-bit the activations SAELens computes live), a TopK SAE
@@ -37,10 +37,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_cache import write_section
-from bench_helpers import (
+from benchmarks.common.helpers import (
     agreement,
     alternating,
     gpu_note,
@@ -51,16 +48,16 @@ from bench_helpers import (
     peers_missing,
     stamped_log,
     timed,
+    write_section,
 )
-from peer_fixture import (
+from benchmarks.common.peer_fixture import (
     add_common_args,
     recipe_from_args,
     saelens_hook_name,
     token_dataset,
     trained_tiny_model,
+    write_experiment,
 )
-from peer_fixture import write_config as write_experiment
-
 from evals.splice import evaluate_dictionary
 from mdiff.config import load_config
 from pipeline import store as S
@@ -75,7 +72,7 @@ try:
     from sae_lens.load_model import load_model
     from sae_lens.training.activation_scaler import ActivationScaler
 except ImportError as e:  # pragma: no cover - the peers' environment is a separate venv
-    sys.exit(peers_missing(e, "bench_peers_eval.py"))
+    sys.exit(peers_missing(e, "bench_peers_eval"))
 
 # metric: (ours per-model key, SAELens group, SAELens key, relative tol, absolute tol)
 COMPARED = {
@@ -92,27 +89,12 @@ NOT_COMPARED = {  # conventions differ: SAELens also zero-ablates position 0
     "kl_div_with_ablation": ("model_behavior_preservation", "kl_div_with_ablation"),
 }
 
-TRAIN = """
-[train]
-out_dir = "{out}"
-batch_size = 4096
-steps = {steps}
-lr = 1e-3
-lr_warmup_steps = 10
-lr_decay_fraction = 0.2
-log_every = 50
-eval_every = {steps}
-checkpoint_every = {steps}
-buffer_tokens = 65536
-read_threads = 2
-device = "cpu"
-
-[[train.dictionaries]]
-name = "topk"
-architecture = "topk"
-n_latents = {latents}
-k = {k}
-"""
+def train_section(out: Path, steps: int, latents: int, k: int) -> dict:
+    """The [train] section: one TopK SAE."""
+    return {"out_dir": str(out), "batch_size": 4096, "steps": steps, "lr": 1e-3, "lr_warmup_steps": 10,
+            "lr_decay_fraction": 0.2, "log_every": 50, "eval_every": steps, "checkpoint_every": steps,
+            "buffer_tokens": 65536, "read_threads": 2, "device": "cpu",
+            "dictionaries": [{"name": "topk", "architecture": "topk", "n_latents": latents, "k": k}]}
 
 
 def saelens_sae(dict_dir: Path, out: Path, hook_name: str, ctx: int):
@@ -147,7 +129,7 @@ def main() -> None:
     lm = trained_tiny_model(args.work, recipe_from_args(args), log=log)
     work = args.work / f"eval-{lm.recipe.key()}-m{args.latents}-k{args.k}-s{args.train_steps}"
     ctx = lm.recipe.context_length
-    train = TRAIN.format(out=work / "runs", steps=args.train_steps, latents=args.latents, k=args.k)
+    train = train_section(work / "runs", args.train_steps, args.latents, args.k)
     cfg_path = write_experiment(work / "experiment.toml", lm, store=work / "store", n_tokens=args.tokens,
                                 validation_fraction=args.validation_fraction, storage_dtype="float32",
                                 train=train, name="bench-peers-eval")
@@ -290,7 +272,7 @@ Ours / SAELens in speed (median of per-repeat ratios): **{r['ratio_ours_over_sae
 {r['ratio_ours_over_saelens_speed_cpu']:.2f} by process CPU time (the steadier figure on a shared machine). Ours also computes the
 mean-ablation variant, which SAELens does not; SAELens runs the model a fourth time for its variance metrics, where
 ours reads the cached activations.
-Raw figures: `benchmarks/peers_eval.json`. Reproduce: `bash benchmarks/peer_env.sh && .venv-peers/bin/python benchmarks/bench_peers_eval.py`.
+Raw figures: `benchmarks/results/peers_eval.json`. Reproduce: `bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_peers_eval`.
 """
 
 

@@ -3,7 +3,7 @@ loading vs a memmap shard cache read item by item (dictionary_learning's cache).
 
 Run it in the peers' environment:
 
-    bash benchmarks/peer_env.sh && .venv-peers/bin/python benchmarks/bench_peers_read.py
+    bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_peers_read
 
 The same activations (synthetic, activation-like float32 rows) are written in each format by that
 format's own writer logic:
@@ -40,10 +40,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_cache import write_section
-from bench_helpers import (
+from benchmarks.common.helpers import (
     alternating,
     dir_bytes,
     drop_page_cache,
@@ -55,16 +52,16 @@ from bench_helpers import (
     paired_ratio,
     peers_missing,
     stamped_log,
+    write_section,
 )
-from peer_fixture import add_common_args
-
+from benchmarks.common.peer_fixture import add_common_args
 from pipeline import store as S
 from trainer.loader import ActivationLoader
 
 try:
     from sae_lens.training.activations_store import ActivationsStore
 except ImportError as e:  # pragma: no cover - the peers' environment is a separate venv
-    sys.exit(peers_missing(e, "bench_peers_read.py"))
+    sys.exit(peers_missing(e, "bench_peers_read"))
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -286,7 +283,7 @@ torch tensors by the dataset's formatter, then its mixing buffer concatenates an
 item-by-item reader pays a Python call, a memmap row and a new tensor per token, and the `DataLoader`
 stacks 4,096 of them per batch. Ours reads whole 4,096-row chunks, one `preadv` each, on background
 threads into a reused window buffer, and assembles a batch with one indexing operation.
-Raw figures: `benchmarks/peers_read.json`. Reproduce: `bash benchmarks/peer_env.sh && .venv-peers/bin/python benchmarks/bench_peers_read.py`
+Raw figures: `benchmarks/results/peers_read.json`. Reproduce: `bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_peers_read`
 (`--d-model 2048` for the GPU-sized rows).
 """
 

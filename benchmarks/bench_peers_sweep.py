@@ -5,7 +5,7 @@ every step runs the model and trains the N seeds on that batch).
 
 Run it in the peers' environment:
 
-    bash benchmarks/peer_env.sh && .venv-peers/bin/python benchmarks/bench_peers_sweep.py
+    bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_peers_sweep
 
 Same tiny trained model and hook, same tokens (our token set's training sequences), `--steps`
 steps of 4,096 tokens (32 sequences of 128), 2,048 latents, k 32, Adam lr 3e-4 without warm-up,
@@ -34,10 +34,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_cache import write_section
-from bench_helpers import (
+from benchmarks.common.helpers import (
     alternating,
     gpu_note,
     load_line,
@@ -46,17 +43,16 @@ from bench_helpers import (
     paired_ratio,
     peers_missing,
     stamped_log,
+    write_section,
 )
-from bench_peers_cache import SAELens as SAELensCache
-from peer_fixture import (
+from benchmarks.common.peer_fixture import (
     add_common_args,
     recipe_from_args,
     saelens_hook_name,
     token_dataset,
     trained_tiny_model,
+    write_experiment,
 )
-from peer_fixture import write_config as write_experiment
-
 from mdiff.config import load_config
 from pipeline import store as S
 from pipeline.cache import run_cache
@@ -70,31 +66,21 @@ try:
         TopKTrainingSAEConfig,
     )
     from sparsify import SaeConfig, TrainConfig, Trainer
+
+    from benchmarks.common.saelens_cache import SAELensCache  # imports SAELens
 except ImportError as e:  # pragma: no cover - the peers' environment is a separate venv
-    sys.exit(peers_missing(e, "bench_peers_sweep.py"))
+    sys.exit(peers_missing(e, "bench_peers_sweep"))
 
 BATCH_SEQ = 32  # sequences per step: 4,096 tokens of 128
 
 
-def train_section(out: Path, n: int, steps: int, latents: int, k: int, lr: float) -> str:
-    entries = "".join(f'\n[[train.dictionaries]]\nname = "topk{i}"\narchitecture = "topk"\n'
-                      f"n_latents = {latents}\nk = {k}\nseed = {i}\n" for i in range(n))
-    return f"""
-[train]
-out_dir = "{out}"
-batch_size = 4096
-steps = {steps}
-lr = {lr}
-lr_warmup_steps = 0
-lr_decay_fraction = 0.0
-log_every = {steps}
-eval_every = {steps}
-eval_batches = 1
-checkpoint_every = {steps}
-buffer_tokens = 65536
-read_threads = 2
-device = "cpu"
-{entries}"""
+def train_section(out: Path, n: int, steps: int, latents: int, k: int, lr: float) -> dict:
+    """The [train] section: n TopK SAEs (seeds 0..n-1) trained in lockstep."""
+    return {"out_dir": str(out), "batch_size": 4096, "steps": steps, "lr": lr, "lr_warmup_steps": 0,
+            "lr_decay_fraction": 0.0, "log_every": steps, "eval_every": steps, "eval_batches": 1,
+            "checkpoint_every": steps, "buffer_tokens": 65536, "read_threads": 2, "device": "cpu",
+            "dictionaries": [{"name": f"topk{i}", "architecture": "topk", "n_latents": latents, "k": k,
+                              "seed": i} for i in range(n)]}
 
 
 def main() -> None:
@@ -294,7 +280,7 @@ nothing, so for a single pass over the data it saves the write and the read; it 
 tokens are trained on again (a second sweep, more steps over the cache, a deeper model with an early
 hook). SAELens trains one SAE per run, so its sweep loads the model (which its runner does even when
 training from a cache), opens the cache and reads every batch N times, where ours reads it once for N.
-Raw figures: `benchmarks/peers_sweep.json`. Reproduce: `bash benchmarks/peer_env.sh && .venv-peers/bin/python benchmarks/bench_peers_sweep.py`.
+Raw figures: `benchmarks/results/peers_sweep.json`. Reproduce: `bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_peers_sweep`.
 """
 
 

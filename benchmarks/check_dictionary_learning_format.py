@@ -5,7 +5,7 @@ saved as it saves them (`torch.save(ae.state_dict(), "ae.pt")` + config.json nam
 dict_class), read with `trainer.formats.dictionary_learning.read`, re-expressed for store rows
 (scale 0.37), and its reconstruction of raw activations compared with the package's own forward.
 
-    .venv-peers/bin/python benchmarks/check_dictionary_learning_format.py
+    .venv-peers/bin/python -m benchmarks.check_dictionary_learning_format
 
 Exits 1 if any difference exceeds 1e-5 of the largest reconstruction value.
 """
@@ -19,12 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from check_saelens_format import SCALE, TOLERANCE, D, M, compare, ours_raw, raw_activations  # noqa: E402
-
-from trainer.formats import dictionary_learning as ours_dl  # noqa: E402
+from benchmarks.common.format_checks import SCALE, TOLERANCE, D, M, compare, ours_raw, raw_activations
+from trainer.formats import dictionary_learning as ours_dl
 
 
 def classes():

@@ -10,7 +10,7 @@ Both directions, on random weights and random raw activations with a mean and a 
   read with `trainer.formats.saelens.read` and compared the same way, on raw activations and on
   store rows.
 
-    .venv-peers/bin/python benchmarks/check_saelens_format.py [--json out.json]
+    .venv-peers/bin/python -m benchmarks.check_saelens_format [--json out.json]
 
 Prints the largest absolute difference per case (and relative to the largest reconstruction
 value) and exits 1 if any relative difference exceeds 1e-5.
@@ -26,19 +26,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.common.format_checks import SCALE, TOLERANCE, D, M, compare, ours_raw, raw_activations
 from trainer.config import DictionarySpec
-from trainer.dictionaries import build_dictionary  # noqa: E402
-from trainer.formats import saelens as ours_saelens  # noqa: E402
-
-D, M, B, SCALE = 64, 256, 512, 0.37
-TOLERANCE = 1e-5
-
-
-def raw_activations(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, D, generator=g) * 3 + torch.randn(D, generator=g) * 2
+from trainer.dictionaries import build_dictionary
+from trainer.formats import saelens as ours_saelens
 
 
 def our_sae(arch: str, seed: int):
@@ -55,22 +46,6 @@ def our_sae(arch: str, seed: int):
         if arch == "jumprelu":
             d.log_threshold.copy_((torch.rand(M, generator=g) + 0.2).log())
     return d.eval()
-
-
-def ours_raw(dictionary, x: torch.Tensor) -> torch.Tensor:
-    """Our dictionary (store units) applied to raw activations, reconstruction in raw units."""
-    s = dictionary.scales[0]
-    with torch.no_grad():
-        return dictionary.decode(dictionary.encode(x[:, None] * s))[:, 0] / s
-
-
-def compare(name: str, got: torch.Tensor, ref: torch.Tensor, fired: float) -> dict:
-    diff = float((got - ref).abs().max())
-    row = {"case": name, "max_abs_diff": diff, "max_abs_value": float(ref.abs().max()),
-           "relative": diff / float(ref.abs().max()), "active_fraction": fired}
-    print(f"{name:<40} max|diff| {diff:.3e}  (max|x_hat| {row['max_abs_value']:.2f}, relative "
-          f"{row['relative']:.1e}, latents active {fired:.1%})")
-    return row
 
 
 def saelens_built(arch: str, seed: int, **options):

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build .venv-peers/ (repo root): torch 2.13.0 CPU, this project (editable) and the peer toolkits of
-# benchmarks/requirements-peers.txt (dictionary-learning, sae-lens, eai-sparsify), for
-# benchmarks/bench_train.py and benchmarks/bench_peers.py. Idempotent: a stamp file records a
-# finished install (delete .venv-peers/ or the stamp to rebuild).
+# benchmarks/requirements-peers.txt (dictionary-learning, sae-lens, eai-sparsify), for the peer
+# comparisons and format checks (benchmarks.bench_train, benchmarks.bench_peers_*,
+# benchmarks.check_*). Idempotent: a stamp file records a finished install (delete .venv-peers/ or
+# the stamp to rebuild).
 #
-#   bash benchmarks/peer_env.sh
+#   bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_train
 #
 # Kept apart from .venv/ on purpose: the peers must never become project dependencies.
 set -euo pipefail

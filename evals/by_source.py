@@ -2,8 +2,9 @@
 
 A narrow fine-tune is a model diff whose answer we know: the fine-tuned model changed on its
 fine-tuning domain. If a crosscoder's latents specific to the fine-tuned model (relative decoder
-norm near its end; `evals.diff`) capture that change, they should fire more often on text of that
-domain than on other text, and more so than the shared latents do. This module measures that.
+norm near its end; `evals.decoder_norms`) capture that change, they should fire more often on text
+of that domain than on other text, and more so than the shared latents do. This module measures
+that.
 
 For latent j and two sources a, b (validation tokens only, position 0 skipped), with f_j(s) its
 firing frequency on the tokens of source s, the *preference* for a is
@@ -35,7 +36,8 @@ import torch
 
 from pipeline import store as S
 
-from .diff import NormAnalysis, activation_stats
+from .activations import activation_stats
+from .decoder_norms import NormAnalysis
 
 
 @dataclass

@@ -33,6 +33,8 @@ from torch import Tensor
 from trainer.config import DictionarySpec
 from trainer.dictionaries import Dictionary, build_dictionary
 
+from .plots import figure
+
 RECOVERED_ABOVE = 0.9
 _EPS = 1e-12
 
@@ -96,12 +98,10 @@ def matching_order(cos: Tensor) -> np.ndarray:
 
 def plot_cosine_matrix(cos: Tensor, path: str | Path, title: str) -> Path:
     """Heatmap of features (rows, in their order: most frequent first) by matched latents."""
-    from .diff import _figure
-
     c = cos.numpy() if isinstance(cos, Tensor) else np.asarray(cos)
     order = matching_order(c)
     n_f, n_l = c.shape
-    fig, axes = _figure(size=(max(4.0, 0.09 * n_l + 2.0), max(2.5, 0.07 * n_f + 1.5)))
+    fig, axes = figure(size=(max(4.0, 0.09 * n_l + 2.0), max(2.5, 0.07 * n_f + 1.5)))
     ax = axes[0, 0]
     im = ax.imshow(c[:, order], cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
     ax.set_xlabel("latent (reordered to match features)")

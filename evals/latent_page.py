@@ -4,7 +4,7 @@ Everything here is plain HTML + CSS with hand-written SVG: no JavaScript, no ext
 page opens from disk in any browser and can be mailed or archived as one file. Hover tooltips are
 SVG <title> elements (the browser shows them natively); collapsing uses <details>.
 
-The analyses (evals/diff.py) compute the numbers and call:
+The analyses (evals/diff.py, evals/plots.py) compute the numbers and call:
 
     svg_histogram(counts, edges, ...)      one histogram as an inline <svg> string
     html_document(title, body)             a complete page around any body
@@ -18,6 +18,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pipeline.records import atomic_write_text
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
@@ -279,5 +281,5 @@ def write_latent_page(path: str | Path, title: str, summary: Sequence[tuple[str,
     """Write `render_latent_page(...)` to `path` (UTF-8) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_latent_page(title, summary, groups, **kwargs), encoding="utf-8")
+    atomic_write_text(path, render_latent_page(title, summary, groups, **kwargs))
     return path

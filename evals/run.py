@@ -10,6 +10,7 @@ from evals.config import EvalExperiment as ExperimentConfig
 from evals.config import EvalSpec
 from pipeline import experiment as E
 from pipeline import models as M
+from pipeline.records import atomic_write_text
 from pipeline.typed_config import ConfigError
 
 from .diff import analyse_dictionary
@@ -59,7 +60,6 @@ def run_eval(cfg: ExperimentConfig, progress: bool = True, log=print,
         log(f"  {name}: L0 {splice['metrics']['l0']:.1f}, dead {splice['metrics']['dead_latents']}, "
             + ", ".join(f"{m}: ΔCE {v['ce_diff']:.4f} CE recovered {v['ce_loss_score']:.3f} "
                         f"EV {v['explained_variance']:.3f}" for m, v in per_model.items()))
-    (out / "index.json").write_text(json.dumps(
-        {"experiment": cfg.name, "dictionaries": names}, indent=1))
+    atomic_write_text(out / "index.json", json.dumps({"experiment": cfg.name, "dictionaries": names}, indent=1))
     log(f"evaluations in {out}")
     return results

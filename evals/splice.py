@@ -60,6 +60,10 @@ Joint over the models: explained_variance (sums over all models) and mse (sum ov
 dimensions, as the trainer's mse). Dictionary: l0 (mean latents active per token), dead_latents
 (latents never active on the evaluated tokens), n_latents. Every mean is a ratio of sums over all
 batches, never a mean of batch means.
+
+This module drives the evaluation (`evaluate_dictionary`) and writes `splice.json`; the variants'
+edits, forwards and losses are `evals.variants`, the reconstruction statistics
+`evals.reconstruction`. Their names are imported here as well (`from evals import splice as SP`).
 """
 
 from __future__ import annotations
@@ -68,239 +72,39 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from evals.config import EvalExperiment as ExperimentConfig
+from evals.reconstruction import ReconstructionStats, explained_variance
+from evals.variants import (
+    VARIANTS,
+    Splice,
+    SpliceError,
+    VariantLosses,
+    logits_fn,
+    spliced_final_hidden,
+    variant_losses,
+)
 from pipeline import models as M
 from pipeline import store as S
-from pipeline.config import HookSpec
+from pipeline.records import atomic_write_text, strict_json
 from trainer.dictionaries import Dictionary
-from trainer.trained import TrainedDictionaryError, check_model_identity, open_trained
+from trainer.trained import check_model_identity, open_trained
+
+__all__ = [
+    "SPLICE_FILE", "STORE_MISMATCH_LIMIT", "VARIANTS", "ReconstructionStats", "Splice", "SpliceError",
+    "VariantLosses", "evaluate_dictionary", "explained_variance", "logits_fn", "spliced_final_hidden",
+    "variant_losses",
+]
 
 SPLICE_FILE = "splice.json"
-VARIANTS = ("clean", "spliced", "zero_ablation", "mean_ablation")
 STORE_MISMATCH_LIMIT = 0.25  # store_rel_error above this: the stored rows are not these activations
-_LOGIT_ELEMENTS = 1 << 24  # float32 logits per variant materialised at once (64 MiB)
 _CODE_ELEMENTS = 1 << 26  # dictionary codes materialised at once (256 MiB)
-_EPS = 1e-12
-class SpliceError(TrainedDictionaryError):
-    """The dictionary cannot be spliced into its models (e.g. an imported cache without weights)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Reconstruction statistics
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ReconstructionStats:
-    """Sums over tokens for one model's reconstruction (or several models' pooled).
-
-    `update(x, x_hat, mean)` takes [tokens, d] (or [tokens, n_models, d], pooled as one vector of
-    n_models*d) and the per-dimension mean of x over *all* evaluated tokens, computed beforehand,
-    so that the variance is about the mean exactly and not via sum x^2 - N mean^2.
-    """
-
-    n: int = 0
-    sq_err: float = 0.0
-    sq_dev: float = 0.0
-    cos: float = 0.0
-    norm_in: float = 0.0
-    norm_out: float = 0.0
-    ratio: float = 0.0
-
-    def update(self, x: Tensor, x_hat: Tensor, mean: Tensor) -> None:
-        x, x_hat = x.float().flatten(1), x_hat.float().flatten(1)
-        mean = mean.to(x).flatten()
-        n_in, n_out = x.norm(dim=1), x_hat.norm(dim=1)
-        sums = torch.stack([
-            (x - x_hat).pow(2).sum(),
-            (x - mean).pow(2).sum(),
-            F.cosine_similarity(x, x_hat, dim=1, eps=1e-8).sum(),
-            n_in.sum(),
-            n_out.sum(),
-            (n_out / n_in.clamp_min(_EPS)).sum(),
-        ]).tolist()  # one host sync per update; accumulated in Python floats (double)
-        self.n += x.shape[0]
-        self.sq_err += sums[0]
-        self.sq_dev += sums[1]
-        self.cos += sums[2]
-        self.norm_in += sums[3]
-        self.norm_out += sums[4]
-        self.ratio += sums[5]
-
-    def explained_variance(self) -> float:
-        return 1.0 - self.sq_err / self.sq_dev if self.sq_dev > 0 else math.nan
-
-    def metrics(self) -> dict[str, float]:
-        n = max(self.n, 1)
-        return {"explained_variance": self.explained_variance(), "mse": self.sq_err / n,
-                "cossim": self.cos / n, "l2_norm_in": self.norm_in / n,
-                "l2_norm_out": self.norm_out / n, "l2_ratio": self.ratio / n}
-
-
-def explained_variance(x: Tensor, x_hat: Tensor) -> float:
-    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the rows of x (the evaluator's formula)."""
-    stats = ReconstructionStats()
-    stats.update(x, x_hat, x.float().mean(0))
-    return stats.explained_variance()
-
-
-# ----------------------------------------------------------------------------------------------
-# Splicing
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Splice:
-    """What one variant puts at positions >= 1 of the hooked site (raw units, the model's scale).
-
-    kind "keep": nothing (the clean run); "set": `value` ([b, T-1, d], or anything broadcasting to
-    it, e.g. a [d] mean or a 0-d zero); "add": the model's own activation plus `value`.
-    """
-
-    kind: Literal["keep", "set", "add"]
-    value: Tensor | None = None
-
-    def write(self, out: Tensor, h: Tensor) -> None:
-        """Write this variant's positions >= 1 into `out` (a copy of h, [b, T, d])."""
-        if self.kind == "set":
-            out[:, 1:] = self.value.to(device=h.device, dtype=h.dtype)
-        elif self.kind == "add":
-            out[:, 1:] = (h[:, 1:].float() + self.value.to(h.device)).to(h.dtype)
-        elif self.kind != "keep":
-            raise ValueError(f"unknown splice kind {self.kind!r}")
-
-    def apply(self, h: Tensor) -> Tensor:
-        """h: [b, T, d] of this variant; returns the edited copy (h itself for keep)."""
-        if self.kind == "keep":
-            return h
-        out = h.clone()
-        self.write(out, h)
-        return out
-
-
-def _edit_stacked(h: Tensor, splices: Sequence[Splice]) -> Tensor:
-    """h: [V*b, T, d], variant j in rows [j*b, (j+1)*b). A copy with every variant's edit."""
-    b = h.shape[0] // len(splices)
-    out = h.clone()
-    for j, s in enumerate(splices):
-        s.write(out[j * b:(j + 1) * b], h[j * b:(j + 1) * b])
-    return out
-
-
-def _register_edit(model: nn.Module, hook: HookSpec, edit: Callable[[Tensor], Tensor]):
-    """A hook that replaces the residual stream at `hook` by edit(h); returns its handle."""
-    layer = M.decoder_layers(model)[hook.layer]
-    if hook.site == "resid_pre":
-        def pre(_m, args, kwargs):
-            if args:
-                return (edit(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
-        return layer.register_forward_pre_hook(pre, with_kwargs=True)
-    if hook.site == "resid_post":
-        def post(_m, _args, output):
-            if isinstance(output, Tensor):
-                return edit(output)
-            return (edit(output[0]), *output[1:])  # bloom (and transformers 4): keep the tuple
-        return layer.register_forward_hook(post)
-    raise ValueError(f"hook {hook.label}: unknown site {hook.site!r}; use one of {M.SUPPORTED_SITES}")
-
-
-def _final_hidden(model: nn.Module, ids: Tensor) -> Tensor:
-    """The last hidden state (after the final norm), the LM head's input: no [b, T, vocab] logits."""
-    out = model.base_model(input_ids=ids, use_cache=False)
-    return out[0]
-
-
-def spliced_final_hidden(model: nn.Module, ids: Tensor, hook: HookSpec, splices: Sequence[Splice],
-                         *, batched: bool = True,
-                         observe: Callable[[Tensor], None] | None = None) -> Tensor:
-    """Final hidden states [V*b, T, d] of every variant of the b sequences `ids`, rows grouped by
-    variant. batched: one forward over the ids stacked V times; else one forward per variant
-    (the reference, for tests). `observe` sees the first variant's activation at the hook."""
-    if batched:
-        def edit(h: Tensor) -> Tensor:
-            if observe is not None:
-                observe(h[: ids.shape[0]])
-            return _edit_stacked(h, splices)
-        handle = _register_edit(model, hook, edit)
-        try:
-            return _final_hidden(model, ids.repeat(len(splices), 1))
-        finally:
-            handle.remove()
-    outs = []
-    for j, s in enumerate(splices):
-        def edit(h: Tensor, s=s, first=j == 0) -> Tensor:
-            if observe is not None and first:
-                observe(h)
-            return s.apply(h)
-        handle = _register_edit(model, hook, edit)
-        try:
-            outs.append(_final_hidden(model, ids))
-        finally:
-            handle.remove()
-    return torch.cat(outs)
-
-
-def logits_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """final hidden -> float32 logits, as the CausalLM's forward computes them (incl. softcapping)."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise SpliceError(f"model {M._model_name(model)!r} has no output embeddings (LM head)")
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-
-    def logits(h: Tensor) -> Tensor:
-        z = head(h).float()
-        return torch.tanh(z / cap) * cap if cap else z
-    return logits
-
-
-@dataclass
-class VariantLosses:
-    """Sums over the scored predictions of b sequences, per variant (float64, on the CPU)."""
-
-    nll: Tensor  # [V]: sum of -log p(next token)
-    kl: Tensor  # [V]: sum of KL(p_variant0 || p_variant) (0 for variant 0)
-    count: int  # predictions scored per variant
-
-
-def variant_losses(model: nn.Module, final: Tensor, ids: Tensor, n_variants: int) -> VariantLosses:
-    """Next-token losses of positions 1..T-2 (targets 2..T-1) from final hidden states [V*b, T, d].
-
-    The LM head runs in chunks of positions so that [V, chunk, vocab] float32 logits stay small.
-    """
-    b, t = ids.shape
-    h = final.view(n_variants, b, t, -1)[:, :, 1:t - 1].reshape(n_variants, b * (t - 2), -1)
-    targets = ids[:, 2:].reshape(-1).to(h.device)
-    logits = logits_fn(model)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    step = max(1, _LOGIT_ELEMENTS // vocab)
-    nll, kl = [], []  # float32 sums per chunk, added up in float64 on the CPU at the end
-    for lo in range(0, h.shape[1], step):
-        logp = torch.log_softmax(logits(h[:, lo:lo + step]), dim=-1)  # [V, R, vocab]
-        tgt = targets[lo:lo + step]
-        nll.append(-logp.gather(-1, tgt.expand(n_variants, -1)[..., None]).squeeze(-1).sum(1))
-        # KL(p0 || pj) = sum p0 (log p0 - log pj) per prediction, exactly 0 where log pj equals
-        # log p0 bit for bit; clamped at 0 since rounding can make a near-zero KL slightly negative
-        # in place on log pj (j >= 1, no longer needed): no [V-1, R, vocab] temporaries
-        per_token = logp[1:].neg_().add_(logp[0]).mul_(logp[0].exp()).sum(-1)  # [V-1, R]
-        kl.append(F.pad(per_token.clamp_min(0).sum(1), (1, 0)))  # variant 0: exactly 0
-    return VariantLosses(torch.stack(nll).cpu().double().sum(0),
-                         torch.stack(kl).cpu().double().sum(0), b * (t - 2))
-
-
-# ----------------------------------------------------------------------------------------------
-# Opening what the dictionary was trained on
-# ----------------------------------------------------------------------------------------------
 
 
 def _check_spliceable(meta: dict, cfg: ExperimentConfig, ts: S.TokenSet) -> None:
@@ -337,10 +141,6 @@ def _load_models(meta: dict, cfg: ExperimentConfig, arrays: list[S.ActivationArr
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# The evaluation
-# ----------------------------------------------------------------------------------------------
-
 
 def _read_batch(arrays: list[S.ActivationArray], lo_row: int, hi_row: int) -> Tensor:
     """[rows, n_models, d] float32 normalized activations (same rows = same tokens in every array)."""
@@ -375,17 +175,6 @@ def _encode_decode(dictionary: Dictionary, x: Tensor) -> tuple[Tensor, Tensor, T
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b != 0 else math.nan
-
-
-def _jsonable(obj: Any) -> Any:
-    """Non-finite floats become null: strict JSON has no NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def _stacked(stack_variants: bool | None, device) -> bool:
@@ -530,11 +319,9 @@ def evaluate_dictionary(dict_dir: str | os.PathLike, cfg: ExperimentConfig, *,
         "seconds": seconds,
         "tokens_per_second": n_tokens / seconds if seconds > 0 else math.nan,
     }
-    report = _jsonable(report)
+    report = strict_json(report)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (SPLICE_FILE + ".partial")
-        tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
-        os.replace(tmp, out / SPLICE_FILE)
+        atomic_write_text(out / SPLICE_FILE, json.dumps(report, indent=1))
     return report

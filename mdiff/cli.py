@@ -14,11 +14,11 @@ from pathlib import Path
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from trainer.trained import TrainedDictionaryError
     from pipeline import models, store, tokens
     from pipeline.typed_config import ConfigError
     from trainer.checkpoint import CheckpointError
     from trainer.formats.common import FormatError
+    from trainer.trained import TrainedDictionaryError
 
     return (ConfigError, store.StoreError, models.ModelLoadError,
             models.UnsupportedModelError, models.TokenizerMismatchError,
@@ -147,7 +147,10 @@ IMPORTED_CONFIG_HEADER = ("to train on it, put these lines in an experiment conf
 
 
 def imported_config(res, model: str) -> str:
-    """The config lines naming an imported array: its token set, hook and import name."""
+    """The config lines naming an imported array: its token set, hook and import name.
+
+    Printed for a user to paste, with comments on what to add; a TOML writer cannot write
+    comments, so this stays text (tests/interop/test_imported_training.py reads it as TOML)."""
     from pipeline import hook_names
 
     hook = hook_names.parse_label(res.array_path.rsplit("/", 1)[1])
@@ -162,7 +165,9 @@ def imported_config(res, model: str) -> str:
 
 
 def cmd_report(args) -> int:
-    from evals.report import aggregate, collect, format_table, write_report
+    from evals.report import write_report
+    from evals.report_rows import aggregate, collect
+    from evals.report_tables import format_table
     from evals.run import eval_dir
     from mdiff.config import load_config
 

@@ -23,8 +23,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from mdiff.prepare import sha256_file
 from mdiff.rdata import read_lazyload
+from pipeline.records import atomic_write, atomic_write_text, sha256_file
 
 FORMAT = 2  # bump when the extraction below changes: it is part of the record
 KJV_PACKAGES = ("bible-kjv", "bible-kjv-text")
@@ -143,12 +143,12 @@ def fetch_deb(package: str, into: Path, log=print) -> tuple[Path, str]:
     deb = debs[-1]
     root = into / deb.stem
     if not root.is_dir():
-        tmp = into / f".{deb.stem}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        done = _run(["dpkg-deb", "-x", str(deb), str(tmp)])
-        if done.returncode != 0:
-            raise CorpusError(f"dpkg-deb -x {deb} failed: {done.stderr.strip()}")
-        os.replace(tmp, root)
+        def unpack(tmp: Path) -> None:
+            done = _run(["dpkg-deb", "-x", str(deb), str(tmp)])
+            if done.returncode != 0:
+                raise CorpusError(f"dpkg-deb -x {deb} failed: {done.stderr.strip()}")
+
+        atomic_write(root, unpack)
     version = deb.stem.split("_")[1]
     return root, version
 
@@ -179,12 +179,6 @@ def austen_data(cache: Path, log=print) -> tuple[dict[str, object], dict]:
 
 
 # ------------------------------------------------------------------------------------ entry point
-
-
-def _write(path: Path, paragraphs: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _valid(directory: Path, record: dict | None) -> bool:
@@ -234,11 +228,11 @@ def prepare_corpora(directory: str | Path, log=print, *, kjv: str | Path | None 
         austen = austen_paragraphs(variables, AUSTEN_BOOKS[ANCHOR_BOOKS:])
     texts = {"kjv_old": old, "kjv_new": new, "austen": austen, "anchor": anchor}
     for key, paragraphs in texts.items():
-        _write(d / names[key], paragraphs)
+        atomic_write_text(d / names[key], "\n\n".join(paragraphs) + "\n")
     record = {"format": FORMAT, "sources_wanted": wanted, "packages": {**kjv_source, **other_source},
               "paragraphs": {k: len(v) for k, v in texts.items()},
               "files": {n: sha256_file(d / n) for n in names.values()}}
-    record_path.write_text(json.dumps(record, indent=1))
+    atomic_write_text(record_path, json.dumps(record, indent=1))
     shutil.rmtree(d / "debs", ignore_errors=True)  # the texts are all that is kept
     log(f"corpora: {len(old)} + {len(new)} Bible chapters, {len(anchor)} + {len(austen)} Austen paragraphs in {d}")
     return _corpora(d, names, record)

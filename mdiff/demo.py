@@ -33,96 +33,22 @@ import torch
 from mdiff import prepare as P
 from mdiff.corpora import Corpora, prepare_corpora
 from mdiff.finetune import FinetuneSpec, finetune, heldout_windows, lm_loss, relative_move, token_stream
+from pipeline.config_files import write_config
+from pipeline.records import atomic_write_text
 
 BASE, TUNED = "base", "kjv"  # model names in the experiment; "kjv" is the fine-tuned one
 HOOK_LAYER = 12  # of 30; resid_post. Layers 6..12 are the ones the fine-tune changes
 FINETUNE = FinetuneSpec(steps=100, lr=3e-4, warmup_steps=10, batch_size=4, seq_len=64, first_layer=6,
                         train_layers=HOOK_LAYER + 1, seed=0, checkpoint_every=25, anchor_weight=30.0,
                         anchor_layer=HOOK_LAYER, anchor_batch_size=4)
-SOURCES = ("kjv", "austen")  # token-set source 0 and 1, in the order of the config below
+SOURCES = ("kjv", "austen")  # token-set source 0 and 1, in the order `experiment` lists them
 
-EXPERIMENT = '''# Written by `mdiff demo`; rerun any stage with `mdiff <stage> {path}`.
-name = "{name}"
-store = "{store}"
-
-[[models]]
-name = "{base_name}"
-path = "{base}"
-dtype = "float32"
-
-[[models]]
-name = "{tuned_name}"
-path = "{tuned}"
-dtype = "float32"
-
-[[hooks]]
-layer = {layer}
-site = "resid_post"
-
-[tokens]
-context_length = 128
-n_tokens = {n_tokens}
-validation_fraction = 0.125
-seed = 0
-
-[[tokens.sources]]      # source 0: Bible text the fine-tune never saw
-kind = "text"
-paths = ["{kjv_new}"]
-weight = 1.0
-
-[[tokens.sources]]      # source 1: the other domain
-kind = "text"
-paths = ["{austen}"]
-weight = 1.0
-
-[cache]
-storage_dtype = "bfloat16"
-chunk_tokens = 1024
-shard_tokens = 16384
-batch_size = 16
-scale_sample_tokens = 16384
-
-[train]
-out_dir = "{out_dir}"
-models = {train_models}
-batch_size = {batch_size}
-steps = {steps}
-lr = {lr}
-lr_warmup_steps = 50
-lr_decay_fraction = 0.3
-dead_after_tokens = 100_000
-log_every = 25
-eval_every = 250
-checkpoint_every = 250
-buffer_tokens = 32768
-read_threads = 2
-{dictionaries}
-[eval]
-n_sequences = 8
-batch_size = 8
-top_latents = 20
-contexts_per_latent = 6
-'''
-
-BATCHTOPK = '''
-[[train.dictionaries]]
-name = "{name}"
-architecture = "batchtopk"
-n_latents = {{n_latents}}
-k = 32
-'''
-
-CROSSCODERS = BATCHTOPK.format(name="batchtopk-k32") + '''
-[[train.dictionaries]]
-name = "l1"
-architecture = "relu"
-n_latents = {n_latents}
-l1_coefficient = 1.0
-l1_warmup_steps = 100
-resample_dead_every = 250
-'''
-
-SAE = BATCHTOPK.format(name="sae-batchtopk-k32")
+# the dictionaries each experiment trains (name -> [[train.dictionaries]] keys besides n_latents):
+# two crosscoders on both models, a BatchTopK SAE on the base model
+BATCHTOPK_K32 = {"architecture": "batchtopk", "k": 32}
+L1 = {"architecture": "relu", "l1_coefficient": 1.0, "l1_warmup_steps": 100, "resample_dead_every": 250}
+CROSSCODERS = {"batchtopk-k32": BATCHTOPK_K32, "l1": L1}
+SAE = {"sae-batchtopk-k32": BATCHTOPK_K32}
 
 
 @dataclass
@@ -157,15 +83,33 @@ def write_configs(directory: Path, base: Path, tuned: Path, corpora: Corpora, *,
     for name, out_dir, models, dictionaries in (("demo-crosscoders", "crosscoders", [BASE, TUNED], CROSSCODERS),
                                                 ("demo-sae", "sae", [BASE], SAE)):
         path = directory / f"{name}.toml"
-        text = EXPERIMENT.format(
-            path=path, name=name, store=directory / "store", base_name=BASE, tuned_name=TUNED,
-            base=base.resolve(), tuned=tuned.resolve(), layer=layer, kjv_new=corpora.kjv_new.resolve(),
-            austen=corpora.austen.resolve(), n_tokens=n_tokens, out_dir=out_dir, train_models=json.dumps(models),
-            batch_size=batch_size, steps=steps, lr=lr,
-            dictionaries=dictionaries.replace("{n_latents}", str(n_latents)))
-        path.write_text(text)
-        paths.append(path)
+        config = experiment(name, directory / "store", base, tuned, corpora, layer=layer, n_tokens=n_tokens)
+        config["train"] = {"out_dir": out_dir, "models": models, "batch_size": batch_size, "steps": steps, "lr": lr,
+                           "lr_warmup_steps": 50, "lr_decay_fraction": 0.3, "dead_after_tokens": 100_000,
+                           "log_every": 25, "eval_every": 250, "checkpoint_every": 250, "buffer_tokens": 32768,
+                           "read_threads": 2,
+                           "dictionaries": [{"name": n, **keys, "n_latents": n_latents} for n, keys in dictionaries.items()]}
+        config["eval"] = {"n_sequences": 8, "batch_size": 8, "top_latents": 20, "contexts_per_latent": 6}
+        paths.append(write_config(path, config, header=(
+            f"Written by `mdiff demo`; rerun any stage with `mdiff <stage> {path}`.\n"
+            f"[[tokens.sources]]: source 0 is Bible text the fine-tune never saw, source 1 the other domain.")))
     return paths[0], paths[1]
+
+
+def experiment(name: str, store: Path, base: Path, tuned: Path, corpora: Corpora, *, layer: int,
+               n_tokens: int) -> dict:
+    """Both models at one hook over one token set: the part both experiments share."""
+    texts = (corpora.kjv_new, corpora.austen)  # in the order of SOURCES
+    return {
+        "name": name, "store": str(store),
+        "models": [{"name": BASE, "path": str(base.resolve()), "dtype": "float32"},
+                   {"name": TUNED, "path": str(tuned.resolve()), "dtype": "float32"}],
+        "hooks": [{"layer": layer, "site": "resid_post"}],
+        "tokens": {"context_length": 128, "n_tokens": n_tokens, "validation_fraction": 0.125, "seed": 0,
+                   "sources": [{"kind": "text", "paths": [str(t.resolve())], "weight": 1.0} for t in texts]},
+        "cache": {"storage_dtype": "bfloat16", "chunk_tokens": 1024, "shard_tokens": 16384, "batch_size": 16,
+                  "scale_sample_tokens": 16384},
+    }
 
 
 def check_finetune(base: Path, tuned: Path, corpora: Corpora, *, windows: int = 16, seq_len: int = 128,
@@ -178,7 +122,7 @@ def check_finetune(base: Path, tuned: Path, corpora: Corpora, *, windows: int = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.config import HookSpec
-    from pipeline.models import capture
+    from pipeline.hooks import capture
 
     inputs = {"base": P.recorded_key(base), "tuned": P.recorded_key(tuned), "windows": windows,
               "seq_len": seq_len, "texts": corpora.record.get("files"), "layer": HOOK_LAYER,
@@ -204,7 +148,7 @@ def check_finetune(base: Path, tuned: Path, corpora: Corpora, *, windows: int = 
         del model
     for k, (hb, ht) in residuals.items():
         losses[k]["residual change"] = round(relative_move(hb, ht), 4)
-    cache.write_text(json.dumps({"key": P.artifact_key(inputs), "losses": losses}, indent=1))
+    atomic_write_text(cache, json.dumps({"key": P.artifact_key(inputs), "losses": losses}, indent=1))
     return losses
 
 
@@ -257,7 +201,7 @@ def source_checks(config: Path, log=print) -> list:
     """The finding: for each crosscoder, do latents specific to the fine-tuned model prefer the
     fine-tuning domain's tokens over the other text's?"""
     from evals.by_source import check_source_preference, validation_frequencies
-    from evals.diff import decoder_norm_analysis
+    from evals.decoder_norms import decoder_norm_analysis
     from mdiff.config import load_config
     from trainer.trained import open_trained
 
@@ -303,7 +247,9 @@ def run_pipeline(d: Path, base: Path, tuned: Path, corpora: Corpora, losses: dic
                  progress: bool = True, log=print, **config) -> DemoResult:
     """cache -> train -> eval for both experiments, the report, and the finding check.
     `config` goes to `write_configs` (layer, steps, lr)."""
-    from evals.report import aggregate, collect, format_table, write_report
+    from evals.report import write_report
+    from evals.report_rows import aggregate, collect
+    from evals.report_tables import format_table
 
     configs = write_configs(d, base, tuned, corpora, **config)
     eval_dirs = [train_and_eval(c, progress, log, timings, tag) for c, tag in zip(configs, ("crosscoders", "SAE"))]

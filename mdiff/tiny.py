@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import random
+import tomllib
 from pathlib import Path
+
+from pipeline.config_files import write_config as write_experiment
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT_TEMPLATE = (
@@ -135,113 +138,61 @@ def write_config(path: str | Path, fixture: dict, *, models=None, store: str = "
                  n_tokens: int = 1024, context_length: int = 16,
                  hooks=((1, "resid_post"), (2, "resid_pre")), storage_dtype: str = "bfloat16",
                  chunk_tokens: int = 64, shard_tokens: int = 256, batch_size: int = 8,
-                 scale_sample_tokens: int = 256, extra_models: str = "", name: str = "exp",
-                 train: str = "") -> Path:
+                 scale_sample_tokens: int = 256, extra_models=(), name: str = "exp",
+                 storage_options: dict | None = None, train=None) -> Path:
     """An experiment config over the fixture's models and corpus (3:1 prose and chats).
 
-    Paths are written absolute, so the file can live anywhere; `train` is an optional [train]
-    section in TOML, appended as given.
+    Paths are written absolute, so the file can live anywhere. `extra_models` are more [[models]]
+    tables; `train` holds the sections after [cache], e.g. `train_section(...)` or
+    `smoke_sections()`: {"train": {...}, "eval": {...}}. Either may also be given as TOML text.
     """
-    path = Path(path)
     names = list(models or fixture["models"])
-    model_blocks = "".join(
-        f'[[models]]\nname = "{m}"\npath = "{fixture["models"][m]}"\n\n' for m in names)
-    hook_blocks = "".join(f'[[hooks]]\nlayer = {layer}\nsite = "{site}"\n\n' for layer, site in hooks)
+    more = _toml_data(extra_models).get("models", []) if isinstance(extra_models, str) else list(extra_models)
     corpus = fixture["corpus"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'''name = "{name}"
-store = "{store}"
-
-{model_blocks}{extra_models}
-{hook_blocks}
-[tokens]
-context_length = {context_length}
-n_tokens = {n_tokens}
-validation_fraction = 0.125
-seed = 3
-
-[[tokens.sources]]
-kind = "text"
-paths = ["{corpus["text"]}"]
-weight = 3
-
-[[tokens.sources]]
-kind = "jsonl"
-paths = ["{corpus["chat"]}"]
-weight = 1
-
-[cache]
-storage_dtype = "{storage_dtype}"
-chunk_tokens = {chunk_tokens}
-shard_tokens = {shard_tokens}
-batch_size = {batch_size}
-scale_sample_tokens = {scale_sample_tokens}
-{train}''')
-    return path
+    config = {
+        "name": name, "store": str(store), "storage_options": storage_options,
+        "models": [{"name": m, "path": str(fixture["models"][m])} for m in names] + more,
+        "hooks": [{"layer": layer, "site": site} for layer, site in hooks],
+        "tokens": {"context_length": context_length, "n_tokens": n_tokens, "validation_fraction": 0.125,
+                   "seed": 3, "sources": [{"kind": "text", "paths": [str(corpus["text"])], "weight": 3},
+                                          {"kind": "jsonl", "paths": [str(corpus["chat"])], "weight": 1}]},
+        "cache": {"storage_dtype": storage_dtype, "chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens,
+                  "batch_size": batch_size, "scale_sample_tokens": scale_sample_tokens},
+        **_toml_data(train),
+    }
+    return write_experiment(path, config)
 
 
-def train_section(models: list[str], dictionaries: list[str], *, steps: int = 60, lr: float = 1e-3,
+def train_section(models: list[str], dictionaries: list, *, steps: int = 60, lr: float = 1e-3,
                   batch_size: int = 256, checkpoint_every: int = 20, eval_every: int = 30,
-                  eval_batches: int = 2, read_threads: int = 2, extra: str = "") -> str:
-    """A small [train] section for tiny experiments; `dictionaries` are TOML bodies of entries."""
-    import json
+                  eval_batches: int = 2, read_threads: int = 2, extra=None) -> dict:
+    """A small [train] section for tiny experiments, as write_config's `train`: {"train": {...}}.
 
-    entries = "".join(f"\n[[train.dictionaries]]\n{d}\n" for d in dictionaries)
-    return f"""
-[train]
-hook = "layer1.resid_post"
-models = {json.dumps(models)}
-batch_size = {batch_size}
-steps = {steps}
-lr = {lr}
-lr_warmup_steps = 5
-log_every = 10
-eval_every = {eval_every}
-eval_batches = {eval_batches}
-checkpoint_every = {checkpoint_every}
-buffer_tokens = 1024
-read_threads = {read_threads}
-dead_after_tokens = 2048
-{extra}
-{entries}"""
+    `dictionaries` are the [[train.dictionaries]] entries (mappings, or TOML text of one entry's
+    keys); `extra` holds more [train] keys (a mapping, or TOML text).
+    """
+    entries = [_toml_data(d) for d in dictionaries]
+    return {"train": {"hook": "layer1.resid_post", "models": list(models), "batch_size": batch_size,
+                      "steps": steps, "lr": lr, "lr_warmup_steps": 5, "log_every": 10, "eval_every": eval_every,
+                      "eval_batches": eval_batches, "checkpoint_every": checkpoint_every, "buffer_tokens": 1024,
+                      "read_threads": read_threads, "dead_after_tokens": 2048, **_toml_data(extra),
+                      "dictionaries": entries}}
 
 
-SMOKE_TRAIN = """
-[train]
-out_dir = "train"
-hook = "layer1.resid_post"
-batch_size = 512
-steps = 200
-lr = 1e-3
-lr_warmup_steps = 20
-log_every = 20
-eval_every = 100
-checkpoint_every = 100
-buffer_tokens = 4096
-
-[[train.dictionaries]]
-name = "batchtopk-k8"
-architecture = "batchtopk"
-n_latents = 512
-k = 8
-
-[[train.dictionaries]]
-name = "relu-l1"
-architecture = "relu"
-n_latents = 512
-l1_coefficient = 0.3
-l1_warmup_steps = 50
-
-[eval]
-n_sequences = 32
-batch_size = 8
-top_latents = 10
-contexts_per_latent = 4
-
-[[eval.token_classes]]
-name = "chat-markers"
-kind = "special"
-"""
+def smoke_sections(**train) -> dict:
+    """The smoke run's [train] (a crosscoder sweep of two) and [eval] sections; keyword arguments
+    replace [train] keys."""
+    return {
+        "train": {"out_dir": "train", "hook": "layer1.resid_post", "batch_size": 512, "steps": 200, "lr": 1e-3,
+                  "lr_warmup_steps": 20, "log_every": 20, "eval_every": 100, "checkpoint_every": 100,
+                  "buffer_tokens": 4096, **train,
+                  "dictionaries": [
+                      {"name": "batchtopk-k8", "architecture": "batchtopk", "n_latents": 512, "k": 8},
+                      {"name": "relu-l1", "architecture": "relu", "n_latents": 512, "l1_coefficient": 0.3,
+                       "l1_warmup_steps": 50}]},
+        "eval": {"n_sequences": 32, "batch_size": 8, "top_latents": 10, "contexts_per_latent": 4,
+                 "token_classes": [{"name": "chat-markers", "kind": "special"}]},
+    }
 
 
 def write_smoke_config(directory: str | Path, fixture: dict) -> Path:
@@ -249,4 +200,11 @@ def write_smoke_config(directory: str | Path, fixture: dict) -> Path:
     d = Path(directory).resolve()
     return write_config(d / "experiment.toml", fixture, store=str(d / "store"), n_tokens=32768,
                         context_length=64, chunk_tokens=1024, shard_tokens=4096, batch_size=16,
-                        scale_sample_tokens=4096, name="smoke", train=SMOKE_TRAIN)
+                        scale_sample_tokens=4096, name="smoke", train=smoke_sections())
+
+
+def _toml_data(value) -> dict:
+    """A mapping as a dict; TOML text (the form older callers pass) parsed into one; None or "" as {}."""
+    if isinstance(value, str):
+        return tomllib.loads(value)
+    return dict(value or {})

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 import torch
 from tqdm.auto import tqdm
 
 from evals import ground_truth as G
-from evals.diff import _figure
+from evals.plots import figure
 from mdiff.config import ExperimentConfig
 from mdiff.synthetic import (
     ToyGenerator,
@@ -42,6 +43,7 @@ from mdiff.synthetic import (
 )
 from pipeline import store as S
 from pipeline.config_files import dump_config
+from pipeline.records import atomic_write_text
 from pipeline.typed_config import ConfigError, Rules, from_mapping, problem
 from trainer.dictionaries import load_dictionary
 from trainer.train import run_train
@@ -136,34 +138,21 @@ def members(spec: ToyStudySpec, gen: ToyGenerator) -> list[Member]:
     return out
 
 
-def train_section(spec: ToyStudySpec, gen: ToyGenerator, out_dir: Path) -> str:
-    """The [train] section: every member in one lockstep run over the same batches."""
+def train_section(spec: ToyStudySpec, gen: ToyGenerator, out_dir: Path) -> dict:
+    """The [train] section as data: every member in one lockstep run over the same batches."""
     n_latents = spec.n_latents or gen.n_features
     span = spec.transition_steps or spec.steps // 2
     log_every = max(1, min(50, spec.steps // 20))
     checkpoint_every = log_every * max(1, spec.steps // (4 * log_every))  # resumable, in whole logs
-    entries = []
-    for m in members(spec, gen):
-        schedule = f"\nk_start = {m.k_start}\nk_schedule_steps = {span}" if m.k_start else ""
-        entries.append(f'\n[[train.dictionaries]]\nname = "{m.name}"\narchitecture = "batchtopk"\n'
-                       f"n_latents = {n_latents}\nk = {m.k}{schedule}\n")
-    return f"""
-[train]
-out_dir = {json.dumps(str((out_dir / "train").resolve()))}
-batch_size = {spec.batch_size}
-steps = {spec.steps}
-lr = {spec.lr}
-lr_warmup_steps = {spec.lr_warmup_steps}
-seed = {spec.seed}
-log_every = {log_every}
-eval_every = {spec.steps}
-checkpoint_every = {checkpoint_every}
-dead_after_tokens = {spec.dead_after_batches * spec.batch_size}
-buffer_tokens = {max(spec.batch_size, min(65536, spec.data.n_tokens // 4))}
-read_threads = 2
-include_first_position = true
-device = "cpu"
-{"".join(entries)}"""
+    entries = [{"name": m.name, "architecture": "batchtopk", "n_latents": n_latents, "k": m.k,
+                **({"k_start": m.k_start, "k_schedule_steps": span} if m.k_start else {})}
+               for m in members(spec, gen)]
+    return {"out_dir": str((out_dir / "train").resolve()), "batch_size": spec.batch_size, "steps": spec.steps,
+            "lr": spec.lr, "lr_warmup_steps": spec.lr_warmup_steps, "seed": spec.seed, "log_every": log_every,
+            "eval_every": spec.steps, "checkpoint_every": checkpoint_every,
+            "dead_after_tokens": spec.dead_after_batches * spec.batch_size,
+            "buffer_tokens": max(spec.batch_size, min(65536, spec.data.n_tokens // 4)), "read_threads": 2,
+            "include_first_position": True, "device": "cpu", "dictionaries": entries}
 
 
 def _claim(out_dir: Path, spec: ToyStudySpec) -> None:
@@ -179,7 +168,7 @@ def _claim(out_dir: Path, spec: ToyStudySpec) -> None:
             raise ConfigError(str(path), [why])
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(mine, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(mine, indent=1, sort_keys=True) + "\n")
 
 
 def _trained(cfg: ExperimentConfig, names: list[str]) -> bool:
@@ -248,7 +237,7 @@ def score(cfg: ExperimentConfig, array_path: str, spec: ToyStudySpec, gen: ToyGe
 
 def _plot_lines(path: Path, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str,
                 title: str, vlines: dict[str, float]) -> Path:
-    fig, axes = _figure(size=(6.0, 3.6))
+    fig, axes = figure(size=(6.0, 3.6))
     ax = axes[0, 0]
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label=label)
@@ -295,7 +284,9 @@ def run_study(spec: ToyStudySpec, out_dir: str | Path, *, log=print, progress: b
     empirical_l0 = float((codes > 0).sum(1).float().mean())
     log(f"toy: {gen.n_features} features in {gen.d_model} dimensions, true L0 {gen.true_l0:.3f} "
         f"(sampled {empirical_l0:.3f})")
-    cfg, written = build_toy_experiment(out, gen, spec.data, train=train_section(spec, gen, out),
+    # mdiff.synthetic appends its `train` as TOML text to the config it writes
+    train = tomli_w.dumps({"train": train_section(spec, gen, out)})
+    cfg, written = build_toy_experiment(out, gen, spec.data, train=train,
                                         log=log, progress=progress)
     gen = load_generator(cfg.models[0].path)  # the stored generator: what the store was made of
     arr = S.open_activation_array(S.StoreRoot(cfg.store), written.array_path, require_complete=True)

@@ -87,7 +87,7 @@ class _ShardWriter:
             arr, shard, data = item
             if self.error is None:
                 try:
-                    stored = arr.root.read_json(f"{arr.path}/zarr.json")["attributes"]["scale"]
+                    stored = arr.stored_scale()
                     if stored != arr.scale:
                         raise S.StoreError(
                             f"{arr.path}: the array was re-created by another job with scale "
@@ -134,12 +134,10 @@ def estimate_scales(lm, ts: S.TokenSet, hooks: list[HookSpec], cache: CacheSpec,
         count += ids.shape[0] * (ids.shape[1] - 1)
     scales = {}
     for h in hooks:
-        mean_norm = sums[h] / count
-        if not math.isfinite(mean_norm) or mean_norm <= 0:
-            raise S.StoreError(f"{lm.spec.name} {h.label}: mean activation norm is {mean_norm}; "
-                               "the model produces non-finite or zero activations there")
-        # rounded to float32 so that x * s means the same thing on every device
-        scales[h] = float(torch.tensor(math.sqrt(lm.d_model) / mean_norm, dtype=torch.float32))
+        where = f"{lm.spec.name} {h.label}"
+        scales[h] = S.normalization_scale(lm.d_model, sums[h] / count, lambda mean_norm: S.StoreError(
+            f"{where}: mean activation norm is {mean_norm}; "
+            "the model produces non-finite or zero activations there"))
     return scales
 
 
@@ -164,11 +162,11 @@ def compute_shard(lm, ts: S.TokenSet, arrays: dict[HookSpec, S.ActivationArray],
     return {h: np.concatenate(bufs[h]) for h in hooks}
 
 
-def _array_attrs(cfg: ExperimentConfig, lm, hook: HookSpec, ts_id: str, scale: float) -> dict:
+def array_attrs(cfg: ExperimentConfig, lm, hook: HookSpec, ts_id: str, scale: float) -> dict:
+    """A cached array's attributes (storage_layout.md), for every writer of cached arrays."""
     return {
         "scale": scale,
-        "normalization": "stored = raw * scale; mean L2 norm of stored rows ~= sqrt(d_model), "
-                         "position 0 of each sequence excluded from the estimate",
+        "normalization": S.NORMALIZATION,
         "model": lm.identity,
         "model_key": lm.key,
         "model_name": lm.spec.name,
@@ -188,7 +186,7 @@ def cache_model(cfg: ExperimentConfig, spec: ModelSpec, root: S.StoreRoot, ts: S
     key = M.model_key(identity)
     result = ModelResult(spec.name, key)
     paths = {h: S.activation_path(ts.id, key, h.label) for h in cfg.hooks}
-    pending = [h for h in cfg.hooks if not root.exists(f"{paths[h]}/_complete.json")]
+    pending = [h for h in cfg.hooks if not S.array_complete(root, paths[h])]
     for h in cfg.hooks:
         if h not in pending:
             arr = S.open_activation_array(root, paths[h])
@@ -204,11 +202,11 @@ def cache_model(cfg: ExperimentConfig, spec: ModelSpec, root: S.StoreRoot, ts: S
                      chunk_rows=cfg.cache.chunk_tokens, shard_rows=cfg.cache.shard_tokens,
                      storage_dtype=cfg.cache.storage_dtype, compression=cfg.cache.compression)
     if dist.is_main:
-        new = [h for h in pending if not root.exists(f"{paths[h]}/zarr.json")]
+        new = [h for h in pending if not S.array_exists(root, paths[h])]
         scales = estimate_scales(lm, ts, new, cfg.cache, device) if new else {}
         for h in new:
             S.create_activation_array(root, paths[h], **structure,
-                                      attrs=_array_attrs(cfg, lm, h, ts.id, scales[h]))
+                                      attrs=array_attrs(cfg, lm, h, ts.id, scales[h]))
     dist.barrier()
     arrays = {h: S.open_activation_array(root, paths[h]) for h in pending}
     for arr in arrays.values():
@@ -260,7 +258,7 @@ def _space_still_needed(cfg: ExperimentConfig, spec: ModelSpec, arrays: dict, mi
     for arr in arrays.values():
         for s in set(mine) - arr.done_shards():
             lo, hi = arr.shard_rows_range(s)
-            need += (hi - lo) * arr.array.shape[1] * itemsize
+            need += (hi - lo) * arr.d_model * itemsize
             n += 1
     later = len(cfg.models) - 1 - [m.name for m in cfg.models].index(spec.name)
     more = f", plus about as much for each of the {later} model(s) after it" if later else ""

@@ -108,10 +108,10 @@ def find_array(root: S.StoreRoot, ts_id: str, spec: ModelSpec, hook: HookSpec,
     for dtype in dtypes:
         key = M.model_key(M.model_identity(spec, dtype))
         path = S.activation_path(ts_id, key, hook.label)
-        if root.exists(f"{path}/_complete.json"):
+        if S.array_complete(root, path):
             return S.open_activation_array(root, path, require_complete=True)
         tried.append(path)
-        if root.exists(f"{path}/zarr.json"):
+        if S.array_exists(root, path):
             S.open_activation_array(root, path).require_complete()  # raises with the progress
     imported = imported_arrays(root, ts_id, hook)
     fix = (f"to train on an imported one instead, add imported = '<name>' to model {spec.name!r}'s "
@@ -127,10 +127,9 @@ def imported_arrays(root: S.StoreRoot, ts_id: str, hook: HookSpec) -> dict[str, 
     """Paths of the arrays `mdiff import-cache` wrote into this token set at this hook, by the
     name given at import (storage_layout.md: their model identity has source "imported")."""
     found: dict[str, list[str]] = {}
-    for key in root.list_names(f"activations/{ts_id}", folders=True):
+    for key in S.list_model_keys(root, ts_id):
         path = S.activation_path(ts_id, key, hook.label)
-        meta = root.read_json(f"{path}/zarr.json") or {}
-        identity = (meta.get("attributes") or {}).get("model") or {}
+        identity = S.array_attributes(root, path).get("model") or {}
         if identity.get("source") == "imported":
             found.setdefault(str(identity.get("name")), []).append(path)
     return found

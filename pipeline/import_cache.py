@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from . import hook_names
 from . import models as M
 from . import store as S
+from .records import canonical_hash, canonical_json
 
 FORMATS = ("dictionary_learning", "saelens")
 _DL_HOOK = re.compile(r"resid_(pre|post)_layer_?(\d+)")
@@ -84,11 +85,6 @@ class ImportResult:
     shards_written: int
     n_shards: int
     notes: list[str]
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading foreign caches
-# ----------------------------------------------------------------------------------------------
 
 
 def _as_float32(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -158,7 +154,7 @@ def open_dictionary_learning(path: str | Path) -> ForeignCache:
         return np.concatenate(out)
 
     cache = ForeignCache("dictionary_learning", str(folder), n_rows, d, 1, shards[0][2], read_rows,
-                         None, _digest(json.dumps([cfg, metas], sort_keys=True).encode()),
+                         None, _digest(canonical_json([cfg, metas], compact=False).encode()),
                          metadata={"config": cfg})
     match = _DL_HOOK.search(folder.name)
     if match:
@@ -246,11 +242,6 @@ def open_cache(path: str | Path, format: str = "auto", column: str | None = None
     raise CacheImportError(f"unknown cache format {format!r}; use auto or one of {', '.join(FORMATS)}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing them into the store
-# ----------------------------------------------------------------------------------------------
-
-
 def _token_blocks(cache: ForeignCache, n_seq: int):
     step = max(1, _BLOCK_ROWS // cache.context_length)
     for lo in range(0, n_seq, step):
@@ -271,8 +262,7 @@ def tokenset_id_for(cache: ForeignCache, n_seq: int, validation_fraction: float)
         content = {"cache": cache.fingerprint}
     payload = {"format": "imported", **content, "context_length": cache.context_length,
                "n_sequences": n_seq, "validation_fraction": float(validation_fraction)}
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return "ts-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return "ts-" + canonical_hash(payload, compact=True)[:16]
 
 
 def _check_attached(root: S.StoreRoot, ts_id: str, cache: ForeignCache, n_seq: int) -> list[str]:
@@ -305,10 +295,8 @@ def estimate_scale(cache: ForeignCache, n_train_rows: int, sample_rows: int) -> 
             keep &= ~np.isin(rows, cache.sequence_starts)
         total += float(norms[torch.from_numpy(keep)].sum())
         count += int(keep.sum())
-    mean = total / max(count, 1)
-    if not math.isfinite(mean) or mean <= 0:
-        raise CacheImportError(f"{cache.path}: mean activation norm {mean}: non-finite or zero activations")
-    return float(torch.tensor(math.sqrt(cache.d_model) / mean, dtype=torch.float32))
+    return S.normalization_scale(cache.d_model, total / max(count, 1), lambda mean: CacheImportError(
+        f"{cache.path}: mean activation norm {mean}: non-finite or zero activations"))
 
 
 def _layout(cache: ForeignCache, chunk_rows: int, shard_rows: int) -> tuple[int, int]:
@@ -382,11 +370,10 @@ def import_cache(source: str | Path, store: str, *, model: str | None = None, ho
     chunk_rows, shard_rows = _layout(cache, chunk_rows, shard_rows)
     structure = dict(n_rows=n_seq * ctx, d_model=cache.d_model, chunk_rows=chunk_rows,
                      shard_rows=shard_rows, storage_dtype=storage_dtype, compression="none")
-    if not root.exists(f"{path}/zarr.json"):
+    if not S.array_exists(root, path):
         scale = estimate_scale(cache, (n_seq - n_val) * ctx, scale_sample_tokens)
         S.create_activation_array(root, path, **structure, attrs={
-            "scale": scale, "normalization": "stored = raw * scale; mean L2 norm of stored rows ~= "
-            "sqrt(d_model), sequence starts excluded from the estimate", "model": identity,
+            "scale": scale, "normalization": S.NORMALIZATION_IMPORTED, "model": identity,
             "model_key": key, "model_name": model, "architecture": None,
             "hook": {"layer": hook_spec.layer, "site": hook_spec.site, "label": label}, "tokenset_id": ts_id,
             "context_length": ctx, "produced_by": {"config": None, "experiment": None,

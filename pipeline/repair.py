@@ -46,8 +46,7 @@ def _stored_arrays(root: S.StoreRoot, ts_id: str, spec: ModelSpec, hooks: list[H
     for dtype in dtypes:
         key = M.model_key(M.model_identity(spec, dtype))
         paths = {h: S.activation_path(ts_id, key, h.label) for h in hooks}
-        found = {h: S.open_activation_array(root, p) for h, p in paths.items()
-                 if root.exists(f"{p}/zarr.json")}
+        found = {h: S.open_activation_array(root, p) for h, p in paths.items() if S.array_exists(root, p)}
         if found:
             yield dtype, found
 

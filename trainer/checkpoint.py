@@ -1,15 +1,14 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
 A checkpoint is a folder written under a temporary name and renamed into place, and `latest.json`
-is replaced only after that, so a run killed while checkpointing resumes from the previous one; a
-write that fails (a full disk) removes its temporary folder and says so, and the previous
-checkpoint stays the one `--resume` takes.
+is replaced (atomically too) only after that, so a run killed while checkpointing resumes from the
+previous one; a write that fails (a full disk) removes its temporary folder and says so, and the
+previous checkpoint stays the one `--resume` takes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.records import atomic_write, atomic_write_text
 from pipeline.store import human_bytes, is_no_space
 
 _STEP_DIR = re.compile(r"step_[0-9]{9}")
@@ -53,12 +53,13 @@ def save_checkpoint(directory: Path, step: int, parts: dict[str, dict], state: d
     """`parts`: name -> {"tensors": {file stem: {key: tensor}}, "json": {...}}."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:09d}"
-    tmp = directory / f".tmp_step_{step:09d}"
-    for stale in directory.glob(".tmp_step_*"):  # left by a run killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    latest = directory / "latest.json"
-    latest_tmp = directory / "latest.json.tmp"
-    try:
+    for stale in (*directory.glob(".*.partial"), *directory.glob(".tmp_step_*")):  # a run killed mid-write
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+    def write(tmp: Path) -> None:
         for name, part in parts.items():
             d = tmp / name
             d.mkdir(parents=True)
@@ -68,14 +69,13 @@ def save_checkpoint(directory: Path, step: int, parts: dict[str, dict], state: d
             (d / "state.json").write_text(json.dumps(part["json"], indent=1))
         # written last: a folder without it was never finished
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-        latest_tmp.write_text(json.dumps({"step": step, "path": final.name}))
+        shutil.rmtree(final, ignore_errors=True)  # only now: a failed write leaves it alone
+
+    try:  # a failed write removes its temporary folder (the space comes back)
+        atomic_write(final, write)
+        atomic_write_text(directory / "latest.json", json.dumps({"step": step, "path": final.name}))
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
-        latest_tmp.unlink(missing_ok=True)
         raise _write_error(directory, step, parts, e) from e
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    os.replace(latest_tmp, latest)
     old = sorted(p for p in directory.glob("step_*") if p != final)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)

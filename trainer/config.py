@@ -1,4 +1,8 @@
-"""The `[train]` section: the sweep of dictionaries trained in lockstep, and how they are trained."""
+"""The `[train]` section: the sweep of dictionaries trained in lockstep, and how they are trained.
+
+Which architectures exist and which keys apply to each come from the registry
+(trainer/architectures.py), never from names spelled here.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from typing import Literal
 from pipeline.config import CacheExperiment
 from pipeline.config_checks import absolute_path, check_name, check_size
 from pipeline.typed_config import Check, join_key, problem, show
+from trainer import architectures as A
 
-Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
+Architecture = Literal[tuple(A.ARCHITECTURES)]  # the registry's names
 
 
 @dataclass(frozen=True)
@@ -86,14 +91,8 @@ def rules() -> dict[type, Check]:
     return {TrainSpec: _check_train, DictionarySpec: _check_dictionary}
 
 
-_TOPK_FAMILY = ("topk", "batchtopk")
-
-
 # what else lives in train.out_dir beside one folder per dictionary
 _RESERVED_OUTPUTS = ("checkpoints", "eval", "metrics.jsonl", "report")
-
-
-_CROSSCODER_ARCHITECTURES = ("relu", "topk", "batchtopk")
 
 
 def _check_dictionary(values: dict, where: str, errors: list[str]) -> None:
@@ -101,7 +100,9 @@ def _check_dictionary(values: dict, where: str, errors: list[str]) -> None:
         check_name(values["name"], join_key(where, "name"), errors, "dictionary")
     check_size(values, "n_latents", where, errors, 1, "the dictionary size; use e.g. 16384")
     arch = values.get("architecture")
-    if arch in _TOPK_FAMILY:
+    cls = A.ARCHITECTURES.get(arch) if isinstance(arch, str) else None
+    uses_k = A.names(uses_k=True)
+    if cls is not None and cls.uses_k:
         if values.get("k") is None:
             problem(errors, join_key(where, "k"), f"is required for architecture {show(arch)}",
                     "set k, the active latents per token, e.g. k = 32")
@@ -118,11 +119,12 @@ def _check_dictionary(values: dict, where: str, errors: list[str]) -> None:
     else:
         for key in ("k", "k_start", "aux_k"):
             if values.get(key) is not None:
-                problem(errors, join_key(where, key), f"is only used by topk and batchtopk, not {show(arch)}",
+                problem(errors, join_key(where, key), f"is only used by {A.spoken(uses_k)}, not {show(arch)}",
                         "remove it")
-    if values.get("resample_dead_every") and arch != "relu":
-        problem(errors, join_key(where, "resample_dead_every"), f"is only used by relu, not {show(arch)}",
-                "remove it (topk and batchtopk revive dead latents with AuxK)")
+    if values.get("resample_dead_every") and not (cls is not None and cls.resamples_dead):
+        problem(errors, join_key(where, "resample_dead_every"),
+                f"is only used by {A.spoken(A.names(resamples_dead=True))}, not {show(arch)}",
+                f"remove it ({A.spoken(uses_k)} revive dead latents with AuxK)")
     for key in ("k_schedule_steps", "k_schedule_delay", "l1_warmup_steps", "resample_dead_every", "seed"):
         check_size(values, key, where, errors, 0, "a count of steps")
     for key in ("l1_coefficient", "l0_coefficient", "aux_coefficient"):
@@ -184,9 +186,10 @@ def _check_train_against_experiment(train: TrainSpec, values: dict, where: str,
                     f"use one of {', '.join(map(show, model_names))}")
     n_models = len(train.models or model_names)
     if n_models >= 2:
+        crosscoders = A.names(crosscoders=True)
         for i, d in enumerate(train.dictionaries):
-            if d.architecture not in _CROSSCODER_ARCHITECTURES:
+            if d.architecture not in crosscoders:
                 problem(errors, f"{join_key(where, 'dictionaries')}[{i}].architecture",
                         f"{show(d.architecture)} is not available for crosscoders ({n_models} models)",
-                        f"use one of {', '.join(map(show, _CROSSCODER_ARCHITECTURES))}, or train.models = "
+                        f"use one of {', '.join(map(show, crosscoders))}, or train.models = "
                         "[one model] for an SAE")

@@ -25,6 +25,7 @@ from trainer.config import DictionarySpec, TrainSpec
 from trainer.config import TrainExperiment as ExperimentConfig
 
 from . import checkpoint as ckpt
+from .architectures import ARCHITECTURES
 from .dictionaries import TENSOR_TERMS, Dictionary, build_dictionary
 from .loader import ActivationLoader
 from .resample import resample_dead_
@@ -55,20 +56,19 @@ class TrainReport:
     dictionaries: dict[str, dict]  # name -> final validation metrics
 
 
-def _uses_k(spec: DictionarySpec) -> bool:
-    return spec.architecture in ("topk", "batchtopk")
-
-
 def _step_knobs(spec: DictionarySpec, step: int) -> dict:
+    """This step's scheduled values of what the architecture reads (its traits say which)."""
+    arch = ARCHITECTURES[spec.architecture]
     knobs = {}
-    if _uses_k(spec):
+    if arch.uses_k:
         knobs["k"] = k_at(step, spec.k, spec.k_start, spec.k_schedule_steps, spec.k_schedule_delay)
-    if spec.architecture == "relu":
+    if arch.l1_penalty:
         knobs["l1_coefficient"] = ramp(step, spec.l1_warmup_steps, 0.0, spec.l1_coefficient)
     return knobs
 
 
-def _open_arrays(cfg: ExperimentConfig, train: TrainSpec):
+def open_arrays(cfg: ExperimentConfig, train: TrainSpec):
+    """(store root, token set, hook, model names, arrays) of the models `train` reads."""
     root = S.StoreRoot(cfg.store, cfg.storage_options)
     root.ensure_format(create=False)
     ref = E.resolve_token_set(cfg)
@@ -84,15 +84,17 @@ def _open_arrays(cfg: ExperimentConfig, train: TrainSpec):
     return root, ts, hook, names, arrays
 
 
-def _loader(arrays, ts, train: TrainSpec, split: str, device) -> ActivationLoader:
+def make_loader(arrays, ts, train: TrainSpec, split: str, device) -> ActivationLoader:
+    """The shuffled, aligned loader of one split ("train" or "validation") with `train`'s settings."""
     return ActivationLoader(arrays, ts, split=split, batch_size=train.batch_size, seed=train.seed,
                             buffer_tokens=train.buffer_tokens, read_threads=train.read_threads,
                             reader=train.reader, include_first_position=train.include_first_position,
                             device=device)
 
 
-def _new_member(spec: DictionarySpec, train: TrainSpec, n_models: int, d_model: int,
+def new_member(spec: DictionarySpec, train: TrainSpec, n_models: int, d_model: int,
                 scales: list[float], device) -> Member:
+    """A fresh dictionary of the sweep with its Adam optimizer and zeroed dead-latent counters."""
     model = build_dictionary(spec, n_models, d_model, scales).to(device)
     base_lr = spec.lr or train.lr
     opt = torch.optim.Adam(model.parameters(), lr=base_lr, betas=(0.9, 0.999))
@@ -100,7 +102,8 @@ def _new_member(spec: DictionarySpec, train: TrainSpec, n_models: int, d_model: 
     return Member(spec, model, opt, base_lr, counters)
 
 
-def _train_step(m: Member, x: torch.Tensor, step: int, train: TrainSpec) -> None:
+def train_step(m: Member, x: torch.Tensor, step: int, train: TrainSpec) -> None:
+    """One Adam step of one member on batch `x` (scheduled lr and knobs, constraint, counters)."""
     for group in m.opt.param_groups:
         group["lr"] = m.base_lr * lr_factor(step, train.steps, train.lr_warmup_steps,
                                             train.lr_decay_fraction)
@@ -251,12 +254,12 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, log=print, progress: 
     torch.manual_seed(train.seed)
     device = M.resolve_device(train.device)
     out = Path(train.out_dir)
-    root, ts, hook, names, arrays = _open_arrays(cfg, train)
+    root, ts, hook, names, arrays = open_arrays(cfg, train)
     d_model = arrays[0].array.shape[1]
     scales = [a.scale for a in arrays]
-    loader = _loader(arrays, ts, train, "train", device)
-    val_loader = _loader(arrays, ts, train, "validation", device)
-    members = [_new_member(s, train, len(arrays), d_model, scales, device) for s in train.dictionaries]
+    loader = make_loader(arrays, ts, train, "train", device)
+    val_loader = make_loader(arrays, ts, train, "validation", device)
+    members = [new_member(s, train, len(arrays), d_model, scales, device) for s in train.dictionaries]
 
     start, resumed_from = 0, None
     checkpoint = ckpt.latest_checkpoint(out / "checkpoints") if resume else None
@@ -286,7 +289,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, log=print, progress: 
     for step in range(start, train.steps):
         x = next(batches).float()
         for m in members:
-            _train_step(m, x, step, train)
+            train_step(m, x, step, train)
         done = step + 1
         bar.update(1)
         if done % train.log_every == 0 or done == train.steps:

@@ -1,12 +1,9 @@
-"""The pure helpers the peer benchmarks compute their ratios and agreement checks with."""
-
-import sys
-from pathlib import Path
+"""The pure helpers the benchmarks compute their ratios and agreement checks with and write their
+BENCHMARKS.md sections with."""
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from bench_helpers import agreement, alternating, dir_bytes, paired_ratio
+from benchmarks.common.helpers import agreement, alternating, dir_bytes, paired_ratio, write_section
 
 
 def test_paired_ratio_is_the_median_of_per_pair_ratios():
@@ -39,3 +36,15 @@ def test_dir_bytes_counts_every_file_below(tmp_path):
     (tmp_path / "a" / "x.bin").write_bytes(b"\0" * 10)
     (tmp_path / "y.json").write_text("{}")
     assert dir_bytes(tmp_path) == 12
+
+
+def test_write_section_replaces_its_own_section_and_keeps_the_others(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    write_section(path, "a", "first a\n")  # a new file: the title, then the section
+    write_section(path, "b", "only b\n")
+    write_section(path, "a", "second a\n")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert "first a" not in text
+    assert text.index("<!-- bench:a:begin -->\nsecond a\n<!-- bench:a:end -->") < text.index("only b")
+    assert text.count("<!-- bench:a:begin -->") == 1 and text.endswith("<!-- bench:b:end -->\n")

@@ -4,14 +4,12 @@ import json
 from html.parser import HTMLParser
 
 from mdiff.cli import main as cli_main
-from mdiff.tiny import SMOKE_TRAIN, build_fixture, write_config
+from mdiff.tiny import build_fixture, smoke_sections, write_config
 
 
 def test_cache_train_eval_report(tmp_path, capsys):
     fx = build_fixture(tmp_path, archs=("llama",), seeds=(0, 1), n_docs=600, d_model=32, n_layers=3)
-    train = (SMOKE_TRAIN.replace("steps = 200", "steps = 40").replace("eval_every = 100", "eval_every = 20")
-             .replace("checkpoint_every = 100", "checkpoint_every = 20")
-             .replace("batch_size = 512", "batch_size = 256"))
+    train = smoke_sections(steps=40, eval_every=20, checkpoint_every=20, batch_size=256)
     cfg = write_config(tmp_path / "exp.toml", fx, n_tokens=8192, hooks=((1, "resid_post"),),
                        name="cli", train=train)
     for cmd in (["cache"], ["train"], ["eval"], ["report"]):

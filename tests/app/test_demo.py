@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from evals import by_source as B
 from evals.config import EvalSpec
-from evals.diff import decoder_norm_analysis
+from evals.decoder_norms import decoder_norm_analysis
 from mdiff import corpora as C
 from mdiff import demo as Demo
 from mdiff import finetune as F
@@ -228,7 +228,7 @@ def _relative_change(base: Path, tuned: Path, text: Path, layer: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.config import HookSpec
-    from pipeline.models import capture
+    from pipeline.hooks import capture
 
     x = F.heldout_windows(F.token_stream(AutoTokenizer.from_pretrained(base), text), 8, 16)
     hook = [HookSpec(layer, "resid_post")]
@@ -276,14 +276,27 @@ def test_relative_move_is_a_mean_over_tokens_not_led_by_one_massive_token():
 def test_artifact_records_are_written_last(tmp_path):
     inputs = {"what": "x", "n": 1}
     final = P.artifact_dir(tmp_path, "thing", inputs)
-    tmp = tmp_path / "building"
-    tmp.mkdir()
-    (tmp / "weights").write_text("w")
-    assert not P.is_prepared(final, inputs)
-    P.publish(tmp, final, inputs)
-    assert P.is_prepared(final, inputs) and not tmp.exists()
+
+    def build(tmp):
+        tmp.mkdir()
+        (tmp / "weights").write_text("w")
+        assert not P.is_prepared(final, inputs)
+
+    def fails(tmp):
+        build(tmp)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        P.publish(final, inputs, fails)
+    assert list(tmp_path.iterdir()) == []  # nothing half-built is left, nothing looks finished
+    P.publish(final, inputs, build)
+    assert P.is_prepared(final, inputs) and [p.name for p in tmp_path.iterdir()] == [final.name]
+    assert (final / "weights").read_text() == "w"
     assert not P.is_prepared(final, {**inputs, "n": 2})
     assert P.artifact_dir(tmp_path, "thing", {**inputs, "n": 2}) != final
+    # keys name directories that already exist: the hash of compact canonical JSON never changes
+    assert final.name == "thing-394ce72fc0f0d1fb"
+    assert P.artifact_key({"what": "x", "n": 1, "unicode": "é"}) == "380f49a9b8746a16"
 
 
 # ----------------------------------------------------------------------------- the finding check

@@ -23,6 +23,7 @@ from mdiff.synthetic import (
 )
 from mdiff.toy_study import ToyStudySpec, load_study_spec, run_study
 from pipeline import store as S
+from pipeline.config_files import write_config
 from pipeline.typed_config import ConfigError
 from trainer.loader import ActivationLoader
 
@@ -191,14 +192,14 @@ def test_l0_estimate_reads_the_start_of_the_floor():
 
 
 def test_study_spec_is_validated(tmp_path):
-    bad = tmp_path / "study.toml"
-    bad.write_text('ks = [0, 3]\nsteps = 0\nbogus = 1\n[generator]\np_min = 0.5\np_max = 0.2\n')
+    bad = write_config(tmp_path / "study.toml", {"ks": [0, 3], "steps": 0, "bogus": 1,
+                                                  "generator": {"p_min": 0.5, "p_max": 0.2}})
     with pytest.raises(ConfigError) as e:
         load_study_spec(bad)
     text = str(e.value)
     assert "bogus" in text and "ks" in text and "steps" in text and "p_min" in text
-    good = tmp_path / "good.toml"
-    good.write_text('ks = [3, 4]\nsteps = 10\n[generator]\nn_features = 8\nd_model = 8\n')
+    good = write_config(tmp_path / "good.toml", {"ks": [3, 4], "steps": 10,
+                                                  "generator": {"n_features": 8, "d_model": 8}})
     assert load_study_spec(good).generator.n_features == 8
 
 

@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from evals import activations as A
+from evals import decoder_norms as N
 from evals import diff as D
 from evals import latent_page as P
+from evals import plots as PL
+from evals import token_classes as TC
 from evals.config import EvalSpec, TokenClassSpec
 from mdiff.tiny import train_section as tiny_train_section
 from pipeline import store as S
@@ -104,7 +108,7 @@ def two_model_decoder() -> torch.Tensor:
 
 
 def test_two_model_classes_relative_norms_and_cosines():
-    a = D.decoder_norm_analysis(two_model_decoder(), ["base", "chat"], EvalSpec())
+    a = N.decoder_norm_analysis(two_model_decoder(), ["base", "chat"], EvalSpec())
     r = a.relative
     np.testing.assert_allclose(r[[0, 1, 2, 3, 5, 6]], [0, 1, 0.5, 1 / 3, 0.2, 0.95], atol=1e-7)
     assert math.isnan(r[4])
@@ -116,17 +120,17 @@ def test_two_model_classes_relative_norms_and_cosines():
     np.testing.assert_allclose(sorted(a.shared_cosine), [0, 1], atol=1e-7)
     np.testing.assert_allclose(a.specificity[[0, 1, 2, 3]], [0.5, 0.5, 0, 0.5 - 1 / 3], atol=1e-7)
     assert list(a.favoured) == [0, 1, 0, 0, -1, 0, 1]
-    groups = D.rank_specific(a, top=10)
+    groups = N.rank_specific(a, top=10)
     assert list(groups[0]) == [0, 5, 3, 2] and list(groups[1]) == [1, 6]  # by |r - 0.5|, dead left out
     # thresholds come from the spec
-    tight = D.decoder_norm_analysis(two_model_decoder(), ["base", "chat"],
+    tight = N.decoder_norm_analysis(two_model_decoder(), ["base", "chat"],
                                     EvalSpec(specific_below=0.25, specific_above=0.97, shared_band=[0.4, 0.6]))
     assert list(tight.classes) == ["base-only", "chat-only", "shared", "other", "dead", "base-only", "other"]
 
 
 def test_n_model_shares_sum_to_one_and_classes():
     e0, e1, z = [1.0, 0, 0], [0, 1.0, 0], [0.0, 0, 0]
-    a = D.decoder_norm_analysis(decoder([
+    a = N.decoder_norm_analysis(decoder([
         [e0, z, z],                        # only model 0
         [e0, e0, e1],                      # balanced: shared; cosines 1, 0, 0 -> mean 1/3
         [e0, e1, z],                       # two of three: other
@@ -135,7 +139,7 @@ def test_n_model_shares_sum_to_one_and_classes():
         [[0.8, 0, 0], e0, e0],             # shares .29 .36 .36: shared
         [[0.01, 0, 0], [0.01, 0, 0], e1],  # share .98: only model 2
     ]), ["a", "b", "c"])
-    alive = a.classes != D.DEAD
+    alive = a.classes != N.DEAD
     np.testing.assert_allclose(a.shares[alive].sum(1), 1, atol=1e-12)
     assert a.relative is None
     assert list(a.classes) == ["a-only", "shared", "other", "dead", "other", "shared", "c-only"]
@@ -144,7 +148,7 @@ def test_n_model_shares_sum_to_one_and_classes():
     assert a.thresholds["shared_min_share"] == pytest.approx(0.2)
     # with symmetric thresholds the n-model rule is the two-model rule
     w = torch.randn(500, 2, 8) * torch.rand(500, 2, 1) ** 3
-    two = D.decoder_norm_analysis(w, ["x", "y"])
+    two = N.decoder_norm_analysis(w, ["x", "y"])
     s = two.shares
     again = np.where(s[:, 1] > 0.9, "y-only", np.where(s[:, 0] > 0.9, "x-only",
                      np.where(s.min(1) >= 0.3, "shared", "other")))
@@ -152,8 +156,8 @@ def test_n_model_shares_sum_to_one_and_classes():
 
 
 def test_norm_plots_png_and_html(tmp_path):
-    a = D.decoder_norm_analysis(two_model_decoder(), ["base", "chat"])
-    paths = D.write_norm_plots(a, tmp_path / "two", log_y=True)
+    a = N.decoder_norm_analysis(two_model_decoder(), ["base", "chat"])
+    paths = PL.write_norm_plots(a, tmp_path / "two", log_y=True)
     assert {p.name for p in paths.values()} == {"relative_norms.png", "shared_cosine.png", "relative_norms.html"}
     for p in paths.values():
         assert p.exists() and p.stat().st_size > 0
@@ -169,8 +173,8 @@ def test_norm_plots_png_and_html(tmp_path):
     html = paths["relative_norms_html"].read_text()
     assert "http" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing external
 
-    three = D.decoder_norm_analysis(torch.randn(40, 3, 6), ["a", "b", "c"])
-    paths = D.write_norm_plots(three, tmp_path / "three")
+    three = N.decoder_norm_analysis(torch.randn(40, 3, 6), ["a", "b", "c"])
+    paths = PL.write_norm_plots(three, tmp_path / "three")
     assert paths["relative_norms_png"].read_bytes()[:8] == PNG_MAGIC
     page = parse_html(paths["relative_norms_html"])
     assert page.tags["svg"] == 4  # one share histogram per model, plus the cosines
@@ -213,21 +217,21 @@ def test_token_classes_special_regex_tokens(tiny_tokenizer):
     markers = {"<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"}
     assert {"<|bos|>", "<|user|>", "<|assistant|>", "<|end|>", "<|eos|>"} <= set(strings)
 
-    special = D.select_token_class(TokenClassSpec("chat", "special"), ids, tok)
+    special = TC.select_token_class(TokenClassSpec("chat", "special"), ids, tok)
     assert [s for s, m in zip(strings, special) if m] == [s for s in strings if s in markers]
-    only_end = D.select_token_class(TokenClassSpec("end", "special", ["<|end|>"]), ids, tok)
+    only_end = TC.select_token_class(TokenClassSpec("end", "special", ["<|end|>"]), ids, tok)
     assert [s for s, m in zip(strings, only_end) if m] == ["<|end|>", "<|end|>"]
 
-    punct = D.select_token_class(TokenClassSpec("punct", "regex", [r"^[.!?]$"]), ids, tok)
+    punct = TC.select_token_class(TokenClassSpec("punct", "regex", [r"^[.!?]$"]), ids, tok)
     assert [s for s, m in zip(strings, punct) if m] == [s for s in strings if s in (".", "!", "?")]
     assert punct.sum() == 2
-    listed = D.select_token_class(TokenClassSpec("listed", "tokens", ["ing", "\n"]), ids, tok)
+    listed = TC.select_token_class(TokenClassSpec("listed", "tokens", ["ing", "\n"]), ids, tok)
     assert listed.tolist() == [s in ("ing", "\n") for s in strings] and listed.sum() >= 2
     # shape is kept, out-of-vocabulary ids select nothing
-    grid = D.select_token_class(TokenClassSpec("chat", "special"), np.array([[0, 5], [10**6, 7]]), tok)
+    grid = TC.select_token_class(TokenClassSpec("chat", "special"), np.array([[0, 5], [10**6, 7]]), tok)
     assert grid.tolist() == [[True, True], [False, False]]
-    table = D.token_table(tok)
-    assert D.token_table(tok) is table and table.decode(3) == "<|user|>"
+    table = TC.token_table(tok)
+    assert TC.token_table(tok) is table and table.decode(3) == "<|user|>"
 
 
 # ------------------------------------------------------------------------------- activation statistics
@@ -249,9 +253,9 @@ def test_activation_stats_hand_computed():
     chat = torch.tensor([[2.0, 2.0], [0.0, 0.0], [-1.0, 0.0], [4.0, 0.0]])
     # f on base: f0 = [1, 0, 0, 3]   f1 = [0, 2, 0, 1]   f2 = [1, 0, 0, 2]
     # f on chat: f0 = [2, 0, 0, 4]   f1 = [2, 0, 0, 0]   f2 = [0, 0, 0, 4]
-    table = D.TokenTable(["<s>", "a", "b", "."], frozenset({0}))
+    table = TC.TokenTable(["<s>", "a", "b", "."], frozenset({0}))
     ids = torch.tensor([0, 1, 3, 3])
-    stats = D.activation_stats(sae, {"base": base, "chat": chat}, token_ids=ids, tokenizer=table,
+    stats = A.activation_stats(sae, {"base": base, "chat": chat}, token_ids=ids, tokenizer=table,
                                token_classes=[TokenClassSpec("special", "special"),
                                               TokenClassSpec("dot", "tokens", ["."])], batch_rows=3)
     assert stats.columns == ["base", "chat"] and stats.n_tokens == 4
@@ -265,11 +269,11 @@ def test_activation_stats_hand_computed():
     np.testing.assert_allclose(dot.freq, [[0.5, 0.5, 0.5], [0.5, 0, 0.5]])
     np.testing.assert_allclose(dot.mean_active, [[3, 1, 2], [4, 0, 4]])
     # rankings: f1 fires less on chat, f0 gains the most mean activation
-    assert list(D.rank_increase(stats, "base", "chat", metric="mean", top=2)) == [0, 2]
-    assert list(D.rank_increase(stats, "base", "chat", metric="freq", top=3, decrease=True))[:2] == [1, 2]
+    assert list(A.rank_increase(stats, "base", "chat", metric="mean", top=2)) == [0, 2]
+    assert list(A.rank_increase(stats, "base", "chat", metric="freq", top=3, decrease=True))[:2] == [1, 2]
 
     # the running top-k: the two largest activations of every latent on chat, with their rows
-    scan = D.scan_activations(sae, D.tensor_batches([base, chat], batch_rows=3), columns=["base", "chat"],
+    scan = A.scan_activations(sae, A.tensor_batches([base, chat], batch_rows=3), columns=["base", "chat"],
                               top_k=2, track={"chat": None, "base": [2]})
     assert scan.top["chat"].of(0) == [(4.0, 3), (2.0, 0)]
     assert scan.top["chat"].of(1) == [(2.0, 0)]  # only one positive activation
@@ -286,17 +290,17 @@ def test_crosscoder_stats_are_joint():
         cc.b_dec.zero_()
     a = torch.tensor([[1.0], [-3.0], [0.5]])
     b = torch.tensor([[1.0], [1.0], [-1.0]])
-    stats = D.activation_stats(cc, {"A": a, "B": b})
-    assert stats.columns == [D.JOINT]
+    stats = A.activation_stats(cc, {"A": a, "B": b})
+    assert stats.columns == [A.JOINT]
     np.testing.assert_allclose(stats.freq, [[1 / 3, 1 / 3]])
     np.testing.assert_allclose(stats.mean, [[2 / 3, 1 / 3]])
 
 
 def test_context_snippets_and_page(tmp_path):
     tokens = np.array([[0, 1, 2, 3, 1], [0, 3, 3, 2, 1]])
-    table = D.TokenTable(["<s>", "a", " b\n", "<&>"], frozenset({0}))
-    top = D.TopActivations(np.array([7]), np.array([[5.0, 2.0, 0.0]]), np.array([[8, 2, -1]]))
-    snips = D.context_snippets(top, [7], tokens, table, context_tokens=1, seq_offset=10, row_offset=50)
+    table = TC.TokenTable(["<s>", "a", " b\n", "<&>"], frozenset({0}))
+    top = A.TopActivations(np.array([7]), np.array([[5.0, 2.0, 0.0]]), np.array([[8, 2, -1]]))
+    snips = A.context_snippets(top, [7], tokens, table, context_tokens=1, seq_offset=10, row_offset=50)
     s0, s1 = snips[7]
     assert (s0.token, s0.left, s0.right, s0.seq, s0.pos, s0.row) == (" b\n", ["<&>"], ["a"], 11, 3, 58)
     assert (s1.token, s1.left, s1.right, s1.value) == (" b\n", ["a"], ["<&>"], 2.0)
@@ -356,7 +360,7 @@ def _validation_codes(cfg, dict_dir, models):
     xs = [S.read_rows(S.open_activation_array(root, p), first * ctx, (first + n) * ctx).float() for p in models]
     keep = np.arange(n * ctx) % ctx != 0
     with torch.no_grad():
-        codes = [f.numpy() for f in D.encode_columns(d, xs)]
+        codes = [f.numpy() for f in A.encode_columns(d, xs)]
     return codes, tokens, keep, first * ctx, d, meta
 
 
@@ -383,7 +387,7 @@ def test_crosscoder_page_lists_the_most_specific_latents_with_their_top_contexts
     page = parse_html(tmp_path / "latents.html")
     assert page.card_order == [j for ids in expected.values() for j in ids]
     assert page.tags["svg"] >= 1 and "script" not in page.tags
-    table = D.token_table(tok)
+    table = TC.token_table(tok)
     for latent, snippets in page.cards.items():
         acts = np.where(keep, f[:, latent], -np.inf)
         n_pos = int((acts > 0).sum())
@@ -421,7 +425,7 @@ def test_sae_on_both_models_writes_stats_csv_scatter_and_page(trained, tmp_path)
     codes, tokens, keep, _, _, _ = _validation_codes(cfg, dict_dir, meta_arrays(dict_dir) + [other.path])
     freq = [(c[keep] > 0).mean(0) for c in codes]
     mean = [c[keep].mean(0) for c in codes]
-    chat_rows = np.isin(tokens[keep], list(D.token_table(tok).special_ids))
+    chat_rows = np.isin(tokens[keep], list(TC.token_table(tok).special_ids))
 
     with (tmp_path / "activation_stats.csv").open() as fh:
         rows = list(csv.DictReader(fh))

@@ -1,4 +1,5 @@
-"""evals/report.py: collecting splice.json files, aggregating over seeds, CSV / Markdown / LaTeX."""
+"""The report (evals/report.py, report_rows.py, report_tables.py): collecting splice.json files,
+aggregating over seeds, CSV / Markdown / LaTeX."""
 
 from __future__ import annotations
 
@@ -11,16 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.report import (
-    aggregate,
-    collect,
-    format_table,
-    latex_escape,
-    write_csv,
-    write_latex,
-    write_markdown,
-    write_report,
-)
+from evals.report import write_report
+from evals.report_rows import aggregate, collect
+from evals.report_tables import format_table, latex_escape, write_csv, write_latex, write_markdown
 
 EXP2 = "pythia-1b-1B-vs-4B"  # a 2-model comparison
 EXP3 = "pythia_1b_3way"  # a 3-model comparison (underscores: LaTeX escaping)

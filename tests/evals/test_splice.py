@@ -21,10 +21,10 @@ from mdiff.config import load_config
 from mdiff.tiny import build_fixture, make_model, write_config
 from mdiff.tiny import train_section as tiny_train_section
 from pipeline import experiment as E
-from pipeline import models as M
 from pipeline import store as S
 from pipeline.cache import run_cache
 from pipeline.config import HookSpec
+from pipeline.hooks import capture
 from trainer import train as T
 from trainer.config import DictionarySpec
 from trainer.dictionaries import build_dictionary, load_dictionary
@@ -271,7 +271,7 @@ def test_splice_hooks_and_logits_across_architectures(setup, arch):
     for site in ("resid_pre", "resid_post"):
         hook = HookSpec(1, site)
         with torch.inference_mode():
-            h = M.capture(model, ids, [hook])[hook]
+            h = capture(model, ids, [hook])[hook]
             splices = [SP.Splice("keep"), SP.Splice("set", h[:, 1:]), SP.Splice("add", h[:, 1:] * 0),
                        SP.Splice("set", torch.zeros(()))]
             final = SP.spliced_final_hidden(model, ids, hook, splices)

@@ -23,7 +23,7 @@ from evals.run import run_eval
 from evals.splice import SpliceError
 from mdiff.cli import IMPORTED_CONFIG_HEADER
 from mdiff.cli import main as cli_main
-from mdiff.config import load_config, parse_config
+from mdiff.config import load_config, parse_config, write_config
 from mdiff.tiny import make_corpus, make_model, make_tokenizer
 from pipeline import import_cache as IC
 from pipeline import store as S
@@ -37,28 +37,12 @@ N_TRAIN_ROWS = (N_SEQ - N_VAL) * CTX
 TS = "ts-0123456789abcdef"
 
 
-def train_section(models: list[str], *, steps: int = 4, extra: str = "") -> str:
-    return f"""
-[train]
-models = {json.dumps(models)}
-batch_size = 32
-steps = {steps}
-lr = 1e-3
-lr_warmup_steps = 1
-log_every = 2
-eval_every = {steps}
-eval_batches = 1
-checkpoint_every = {steps}
-buffer_tokens = 128
-read_threads = 1
-device = "cpu"
-{extra}
-[[train.dictionaries]]
-name = "relu"
-architecture = "relu"
-n_latents = 32
-l1_coefficient = 0.01
-"""
+def train_section(models: list[str], *, steps: int = 4, **extra) -> dict:
+    """A [train] section (write_config data): one small L1 SAE or crosscoder, `extra` more keys."""
+    return {"models": models, "batch_size": 32, "steps": steps, "lr": 1e-3, "lr_warmup_steps": 1, "log_every": 2,
+            "eval_every": steps, "eval_batches": 1, "checkpoint_every": steps, "buffer_tokens": 128,
+            "read_threads": 1, "device": "cpu", **extra,
+            "dictionaries": [{"name": "relu", "architecture": "relu", "n_latents": 32, "l1_coefficient": 0.01}]}
 
 
 def quiet(*_):
@@ -79,23 +63,23 @@ def test_printed_config_trains_on_exactly_the_imported_rows(tmp_path, capsys):
     store = tmp_path / "store"
     assert cli_main(["import-cache", str(src), "--store", str(store), "--model", "base",
                      "--validation-fraction", "0.1", "--storage-dtype", "float32", "--no-progress"]) == 0
-    snippet = capsys.readouterr().out.split(IMPORTED_CONFIG_HEADER)[1]
-    config = tmp_path / "imported.toml"
-    config.write_text(f'name = "imported"\nstore = "{store}"\n{snippet}\n{train_section(["base"])}')
+    snippet = tomllib.loads(capsys.readouterr().out.split(IMPORTED_CONFIG_HEADER)[1])  # TOML as printed
+    config = write_config(tmp_path / "imported.toml",
+                          {"name": "imported", "store": str(store), **snippet, "train": train_section(["base"])})
     assert cli_main(["train", str(config), "--no-progress"]) == 0
 
     cfg = load_config(config)
-    _, ts, _, names, arrays = T._open_arrays(cfg, cfg.train)
+    _, ts, _, names, arrays = T.open_arrays(cfg, cfg.train)
     [arr] = arrays
     assert names == ["base"] and ts.id == cfg.tokens.tokenset and arr.attrs["model"]["source"] == "imported"
     # the trainer's batches are the imported rows times the import's scale, training rows only
-    loader = T._loader(arrays, ts, cfg.train, "train", "cpu")
+    loader = T.make_loader(arrays, ts, cfg.train, "train", "cpu")
     rows = loader.epoch_rows(0)
     assert torch.equal(next(iter(loader))[:, 0].float(), acts[rows[:32]] * arr.scale)
     usable = {r for r in range(N_TRAIN_ROWS) if r % CTX}  # position 0 skipped by default
     assert len(set(rows.tolist())) == len(rows) and set(rows.tolist()) <= usable
     assert len(rows) == len(usable) // 32 * 32
-    val = T._loader(arrays, ts, cfg.train, "validation", "cpu")
+    val = T.make_loader(arrays, ts, cfg.train, "validation", "cpu")
     assert set(val.epoch_rows(0).tolist()) == {r for r in range(N_TRAIN_ROWS, N_SEQ * CTX) if r % CTX}
     meta = json.loads((tmp_path / "runs" / "imported" / "relu" / "config.json").read_text())
     assert (meta["tokenset_id"], meta["arrays"], meta["scales"]) == (ts.id, [arr.path], [arr.scale])
@@ -108,10 +92,10 @@ def test_printed_config_trains_on_exactly_the_imported_rows(tmp_path, capsys):
     wrong = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], imported="nope")])
     with pytest.raises(S.IncompleteError, match=r"no array imported as 'nope'.*imported there at "
                                                 r"layer1.resid_post: 'base'"):
-        T._open_arrays(wrong, cfg.train)
+        T.open_arrays(wrong, cfg.train)
     absent = dataclasses.replace(cfg, tokens=dataclasses.replace(cfg.tokens, tokenset=TS))
     with pytest.raises(ConfigError, match=f"tokens.tokenset: {TS} is not a complete token set.*{ts.id}"):
-        T._open_arrays(absent, cfg.train)
+        T.open_arrays(absent, cfg.train)
     # mdiff cache has nothing to build for a named token set
     assert cli_main(["cache", str(config), "--no-progress"]) == 2
     assert "tokens.tokenset: mdiff cache builds a token set" in capsys.readouterr().err
@@ -124,30 +108,19 @@ def test_rows_without_sequences_crosscoder_needs_include_first_position(tmp_path
     _import(write_dl_cache(tmp_path / "b", b, [120, 80], name="layer_3"), tmp_path / "store", "b",
             hook="layer3.resid_pre", tokenset=first.tokenset_id)
 
-    def config(extra: str):
-        path = tmp_path / "cc.toml"
-        path.write_text(f'''name = "cc"
-store = "{tmp_path / 'store'}"
-[[models]]
-name = "a"
-imported = "a"
-[[models]]
-name = "b"
-imported = "b"
-[[hooks]]
-layer = 3
-site = "resid_pre"
-[tokens]
-tokenset = "{first.tokenset_id}"
-{train_section(["a", "b"], extra=extra)}''')
-        return load_config(path)
+    def config(**extra):
+        return load_config(write_config(tmp_path / "cc.toml", {
+            "name": "cc", "store": str(tmp_path / "store"),
+            "models": [{"name": "a", "imported": "a"}, {"name": "b", "imported": "b"}],
+            "hooks": [{"layer": 3, "site": "resid_pre"}], "tokens": {"tokenset": first.tokenset_id},
+            "train": train_section(["a", "b"], **extra)}))
 
     with pytest.raises(ConfigError, match="sequences of length 1.*set train.include_first_position = true"):
-        T.run_train(config(""), log=quiet, progress=False)
-    cfg = config("include_first_position = true")
+        T.run_train(config(), log=quiet, progress=False)
+    cfg = config(include_first_position=True)
     report = T.run_train(cfg, log=quiet, progress=False)
-    _, ts, _, _, arrays = T._open_arrays(cfg, cfg.train)
-    loader = T._loader(arrays, ts, cfg.train, "train", "cpu")
+    _, ts, _, _, arrays = T.open_arrays(cfg, cfg.train)
+    loader = T.make_loader(arrays, ts, cfg.train, "train", "cpu")
     rows = loader.epoch_rows(0)
     assert rows.max() < 180 and len(rows) == 180 // 32 * 32  # 20 validation rows held out
     expected = torch.stack([a[rows[:32]] * arrays[0].scale, b[rows[:32]] * arrays[1].scale], 1)
@@ -172,30 +145,17 @@ def test_imported_model_with_weights_splices(tmp_path):
                          ranges=torch.arange(0, N_SEQ * CTX + 1, CTX), name="resid_post_layer_0")
     res = _import(src, tmp_path / "store", "tiny")
     assert res.array_path.endswith("layer0.resid_post")
-    path = tmp_path / "spliced.toml"
-    body = f'''name = "spliced"
-store = "{tmp_path / 'store'}"
-[[models]]
-name = "tiny"
-path = "{model_dir}"
-{{}}
-[[hooks]]
-layer = 0
-[tokens]
-tokenset = "{res.tokenset_id}"
-{train_section(["tiny"])}
-[eval]
-n_sequences = 4
-batch_size = 4
-top_latents = 4
-contexts_per_latent = 2
-'''
+    def config(imported: str | None = None):
+        return load_config(write_config(tmp_path / "spliced.toml", {
+            "name": "spliced", "store": str(tmp_path / "store"),
+            "models": [{"name": "tiny", "path": str(model_dir), "imported": imported}],
+            "hooks": [{"layer": 0}], "tokens": {"tokenset": res.tokenset_id}, "train": train_section(["tiny"]),
+            "eval": {"n_sequences": 4, "batch_size": 4, "top_latents": 4, "contexts_per_latent": 2}}))
+
     # weights alone look for activations cached from them, and point at the imported ones
-    path.write_text(body.format(""))
     with pytest.raises(S.IncompleteError, match="add imported = '<name>'.*'tiny'"):
-        T.run_train(load_config(path), log=quiet, progress=False)
-    path.write_text(body.format('imported = "tiny"'))
-    cfg = load_config(path)
+        T.run_train(config(), log=quiet, progress=False)
+    cfg = config(imported="tiny")
     T.run_train(cfg, log=quiet, progress=False)
     # an imported array names no weights to compare with: the live activations are checked instead
     other = make_model(tmp_path / "other", tok, "llama", d_model=D, n_layers=2, seed=1)
@@ -244,7 +204,7 @@ def test_config_errors_for_imported_caches(tmp_path):
     # the README's example is such a config
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = next(b for b in re.findall(r"```toml\n(.*?)```", readme, re.DOTALL) if "imported =" in b)
-    cfg = parse_config(tomllib.loads(f'name = "x"\nstore = "{tmp_path}"\n{block}'), "README.md")
+    cfg = parse_config({"name": "x", "store": str(tmp_path), **tomllib.loads(block)}, "README.md")
     assert (cfg.models[0].imported, cfg.hooks[0].label) == ("base", "layer12.resid_post")
 
 

@@ -89,7 +89,7 @@ def test_stored_values_are_hidden_states_times_scale(tmp_path, fx, arch, storage
         # normalized: mean norm sqrt(d_model) on training rows, first positions excluded
         rows = got.reshape(ts.n_sequences, ts.context_length, -1)[: ts.n_train_sequences, 1:]
         mean_norm = rows.norm(dim=-1).mean().item()
-        assert abs(mean_norm / math.sqrt(arr.array.shape[1]) - 1) < 0.02
+        assert abs(mean_norm / math.sqrt(arr.d_model) - 1) < 0.02
 
 
 def test_second_experiment_reuses_shared_arrays(tmp_path, fx):

@@ -1,4 +1,5 @@
-"""pipeline.models on tiny random-weight checkpoints: hooking, loading from every source, identity.
+"""pipeline.models and the modules it composes (hooks, checkpoints, identity, tokenizer) on tiny
+random-weight checkpoints: hooking, loading from every source, identity, tokenizers.
 
 Everything is offline: models are built by mdiff.tiny, the hub is a hand-made local cache, and a
 GGUF file is written here with the `gguf` package.
@@ -16,21 +17,16 @@ import pytest
 import torch
 
 from mdiff.tiny import ARCHITECTURES, build_fixture, make_tokenizer
+from pipeline import models as M
+from pipeline.checkpoints import ModelLoadError
 from pipeline.config import HookSpec, ModelSpec
-from pipeline.models import (
-    SUPPORTED_SITES,
-    ModelLoadError,
+from pipeline.hooks import SUPPORTED_SITES, UnsupportedModelError, capture, decoder_layers, editing_residual
+from pipeline.identity import model_identity, model_key
+from pipeline.models import load_model, resolve_device, resolve_dtype
+from pipeline.tokenizer import (
     TokenizerMismatchError,
-    UnsupportedModelError,
-    capture,
     check_same_tokenizer,
-    decoder_layers,
-    load_model,
     load_tokenizer,
-    model_identity,
-    model_key,
-    resolve_device,
-    resolve_dtype,
     tokenizer_fingerprint,
     vocabulary_fingerprint,
 )
@@ -209,6 +205,50 @@ def test_layer_out_of_range_is_a_clear_error(loaded):
         capture(lm.model, _batch()[0], [HookSpec(-1)])
     with pytest.raises(ValueError, match="unknown site"):
         capture(lm.model, _batch()[0], [HookSpec(0, "attn_out")])
+
+
+# ------------------------------------------------------------------------------------------------
+# editing the residual stream
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "bloom", "gpt_neox"])
+@pytest.mark.parametrize("site", SUPPORTED_SITES)
+def test_editing_sees_what_capture_reads_and_replaces_it(loaded, arch, site):
+    """The edit gets exactly the tensor capture returns; what it returns is what the model reads on."""
+    model = loaded(arch).model
+    ids, mask = _batch()
+    hook = HookSpec(1, site)
+    seen = []
+    with torch.inference_mode():
+        plain = model(ids, attention_mask=mask, use_cache=False).logits
+        with editing_residual(model, hook, lambda h: seen.append(h) or h):
+            kept = model(ids, attention_mask=mask, use_cache=False).logits
+        with editing_residual(model, hook, torch.zeros_like):
+            zeroed = model(ids, attention_mask=mask, use_cache=False).logits
+        assert torch.equal(seen[0], capture(model, ids, [hook], attention_mask=mask)[hook])
+        after = model(ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(kept, plain) and torch.equal(after, plain)
+    assert not torch.allclose(zeroed, plain)
+
+
+def test_editing_removes_its_hook_even_on_error(loaded):
+    model = loaded("llama").model
+    layers = decoder_layers(model)
+
+    def counts():
+        return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in layers]
+
+    before = counts()
+    with pytest.raises(RuntimeError, match="inside"):
+        with editing_residual(model, HookSpec(0, "resid_pre"), lambda h: h):
+            assert counts() != before
+            raise RuntimeError("inside")
+    assert counts() == before
+    with pytest.raises(ValueError, match="unknown site"):
+        with editing_residual(model, HookSpec(0, "attn_out"), lambda h: h):
+            pass
+    assert counts() == before
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,6 +516,46 @@ def test_model_key_is_filesystem_safe():
     pythia = {"source": "hub", "repo": "EleutherAI/pythia-1b", "revision": "step512",
               "commit": "a" * 40, "dtype": "float32"}
     assert re.fullmatch(r"EleutherAI--pythia-1b@step512-[0-9a-f]{10}", model_key(pythia))
+
+
+def test_keys_and_fingerprints_are_pinned(tmp_path):
+    """Ids already written into stores: a dir and a GGUF file of known bytes, and a tokenizer
+    without a backend, give the values the original pipeline.models gave (before the split into
+    hooks, checkpoints, identity and tokenizer)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "m.gguf").write_bytes(b"gguf bytes")
+    directory = model_identity(ModelSpec(name="x", path=str(ckpt)), "float32")
+    assert directory["weights_sha256"] == "800d17785f28dc789dc01b03d9fba9b88ecd57d57956c04f75641289811d8551"
+    assert model_key(directory) == "ckpt-553cb00d2b"
+    gguf = model_identity(ModelSpec(name="y", gguf=str(tmp_path / "m.gguf")), "bfloat16")
+    assert gguf["weights_sha256"] == "241fc5b8e484a7126cbdfd559276712df0155c53936f4d0a26b6fe09512aced4"
+    assert model_key(gguf) == "m.gguf-e44785c63f"
+    pythia = {"source": "hub", "repo": "EleutherAI/pythia-1b", "revision": "step512",
+              "commit": "a" * 40, "dtype": "float32"}
+    assert model_key(pythia) == "EleutherAI--pythia-1b@step512-44103f714f"
+
+    class Tok:  # no backend_tokenizer: fingerprinted by its class name and vocabulary
+        bos_token_id, eos_token_id, pad_token_id = 0, 1, None
+        chat_template = "{{ messages }}"
+
+        def get_vocab(self):
+            return {"b": 1, "a": 0, "\u00e9": 2}
+
+    assert tokenizer_fingerprint(Tok()) == "92f6972531bf813a911013e595dddb4d4a5f07719c71f3f83e74eaa4fffcd617"
+    assert vocabulary_fingerprint(Tok()) == "a8cdd63e74e70876a6a595fb353f15b02d4323f9013fbe2b08c75f2cf2236095"
+
+
+def test_models_still_names_what_the_stages_use():
+    """`from pipeline import models as M` reaches every name the stages call through it."""
+    for name in ("capture", "decoder_layers", "check_architecture", "DECODER_LAYER_PATHS", "SUPPORTED_SITES",
+                 "UnsupportedModelError", "ModelLoadError", "TokenizerMismatchError", "LoadedModel",
+                 "load_model", "preflight", "resolve_device", "resolve_dtype", "model_identity", "model_key",
+                 "load_tokenizer", "tokenizer_fingerprint", "vocabulary_fingerprint", "check_same_tokenizer"):
+        assert hasattr(M, name), name
+    assert M.capture is capture and M.model_key is model_key and M.ModelLoadError is ModelLoadError
 
 
 def test_directory_without_weights_has_no_identity(tmp_path):

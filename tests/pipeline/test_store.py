@@ -26,7 +26,7 @@ def _array(root, n_rows=1000, d=8, chunk=64, shard=256, dtype="bfloat16", compre
 
 def _data(arr, shard, dtype="bfloat16"):
     start, stop = arr.shard_rows_range(shard)
-    x = torch.randn(stop - start, arr.array.shape[1], generator=torch.Generator().manual_seed(shard))
+    x = torch.randn(stop - start, arr.d_model, generator=torch.Generator().manual_seed(shard))
     return S.encode(x, dtype)
 
 

@@ -13,7 +13,6 @@ from mdiff.tiny import make_corpus, make_tokenizer
 from pipeline.config import SourceSpec, TokenSpec
 from pipeline.tokens import (
     TokenSourceError,
-    _allocate,
     build_token_set,
     describe_sources,
     iter_documents,
@@ -21,6 +20,7 @@ from pipeline.tokens import (
     plan_token_set,
     token_set_id,
 )
+from pipeline.tokens.plan import _allocate
 
 L = 32
 

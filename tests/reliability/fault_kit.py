@@ -24,8 +24,8 @@ from pipeline.cache import run_cache
 REPO = Path(__file__).resolve().parents[2]
 N_TOKENS = 2048  # 128 sequences of 16: 8 shards of 256 rows per array, chunks of 64 rows
 HOOKS = ((1, "resid_post"), (2, "resid_pre"))
-BTK = 'name = "btk"\narchitecture = "batchtopk"\nn_latents = 64\nk = 4'
-RELU = 'name = "relu"\narchitecture = "relu"\nn_latents = 64\nl1_coefficient = 0.1\nl1_warmup_steps = 5'
+BTK = {"name": "btk", "architecture": "batchtopk", "n_latents": 64, "k": 4}
+RELU = {"name": "relu", "architecture": "relu", "n_latents": 64, "l1_coefficient": 0.1, "l1_warmup_steps": 5}
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Kit:
     ref_store: Path  # the complete reference store: 2 models x 2 hooks
 
     def config(self, path: Path, *, store: Path | str, models=("llama-s0", "llama-s1"), hooks=HOOKS,
-               train: str = "", name: str = "exp", **kw) -> Path:
+               train: dict | None = None, name: str = "exp", **kw) -> Path:
         return write_config(path, self.fx, models=models, store=str(store), n_tokens=N_TOKENS,
                             hooks=hooks, train=train, name=name, **kw)
 
@@ -54,9 +54,11 @@ def kit(tmp_path_factory) -> Kit:
     return Kit(d, fx, ref)
 
 
-def train_toml(steps: int = 40, checkpoint_every: int = 10, dictionaries=(BTK, RELU), **kw) -> str:
-    return train_section(["llama-s0", "llama-s1"], list(dictionaries), steps=steps,
-                         checkpoint_every=checkpoint_every, batch_size=128, eval_every=20, **kw)
+def train_sweep(steps: int = 40, checkpoint_every: int = 10, dictionaries=(BTK, RELU),
+                models=("llama-s0", "llama-s1"), **kw) -> dict:
+    """A [train] section (as write_config data) for a lockstep sweep over the kit's models."""
+    return train_section(list(models), list(dictionaries), steps=steps, checkpoint_every=checkpoint_every,
+                         batch_size=128, eval_every=20, **kw)
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:

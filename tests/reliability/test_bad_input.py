@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,9 @@ from mdiff.config import ExperimentConfig, load_config, parse_config
 from mdiff.tiny import make_model, make_tokenizer
 from pipeline import config as C
 from pipeline.cache import run_cache
-from pipeline.config_files import dump_config
+from pipeline.config_files import dump_config, write_config
 from pipeline.typed_config import ConfigError
-from tests.reliability.fault_kit import BTK, Kit, snapshot, train_toml
+from tests.reliability.fault_kit import BTK, Kit, snapshot, train_sweep
 from tests.support import leaf_paths
 from trainer import config as TC
 from trainer import train as T
@@ -51,8 +52,24 @@ def odd(kit: Kit, tmp_path_factory) -> dict:
     }
 
 
-def _model(name: str, path) -> str:
-    return f'[[models]]\nname = "{name}"\npath = "{path}"\n\n'
+def _model(name: str, path, **keys) -> list[dict]:
+    return [{"name": name, "path": str(path), **keys}]
+
+
+def _patch(path: Path, changes: dict) -> None:
+    """Merge `changes` into the config at `path` (a None value removes the key it names) and write
+    it back: still valid TOML, though maybe not a valid config."""
+    def merge(into: dict, changes: dict) -> None:
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                merge(into[key], value)
+            else:
+                assert value is not None or key in into, key
+                into[key] = value
+
+    data = tomllib.loads(path.read_text())
+    merge(data, changes)
+    write_config(path, data)  # None values are left out
 
 
 def _cases(kit: Kit, odd: dict):
@@ -62,20 +79,18 @@ def _cases(kit: Kit, odd: dict):
                       ["'llama-s0'", "'odd'", "must share a tokenizer"]),
         "hook past the last layer": (dict(hooks=((7, "resid_post"),)),
                                      ["hooks:", "has 3 layers", "0..2, got layer 7", "fix [[hooks]]"]),
-        "unknown revision": (dict(extra_models='[[models]]\nname = "late"\nrepo = "org/tiny"\n'
-                                               'revision = "step999"\n\n'),
+        "unknown revision": (dict(extra_models=[{"name": "late", "repo": "org/tiny", "revision": "step999"}]),
                              ["'late'", "'step999'", "cached: step512", "check the revision name"]),
-        "unknown key": (dict(replace=("batch_size = 8", "batch_sise = 8")),
+        "unknown key": (dict(patch={"cache": {"batch_size": None, "batch_sise": 8}}),
                         ["cache.batch_sise: unknown key", "did you mean 'batch_size'?"]),
-        "wrong type": (dict(replace=("context_length = 16", 'context_length = "16"')),
+        "wrong type": (dict(patch={"tokens": {"context_length": "16"}}),
                        ["tokens.context_length: expected an integer, got string '16'",
                         "write 16 as a bare number"]),
-        "negative size": (dict(replace=("n_tokens = 2048", "n_tokens = -2048")),
+        "negative size": (dict(patch={"tokens": {"n_tokens": -2048}}),
                           ["tokens.n_tokens: is negative (-2048)", "it is a size"]),
         "crosscoder over two widths": (
             dict(models=("llama-s0",), extra_models=_model("wide", odd["wide"]),
-                 train=train_toml(dictionaries=(BTK,)).replace('models = ["llama-s0", "llama-s1"]',
-                                                              'models = ["llama-s0", "wide"]')),
+                 train=train_sweep(dictionaries=(BTK,), models=("llama-s0", "wide"))),
             ["train.models: a crosscoder needs the same d_model", "llama-s0: 32, wide: 48",
              "train one SAE per model"]),
     }
@@ -98,11 +113,10 @@ def test_refused_before_anything_is_written(kit: Kit, odd: dict, shared_store: P
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     edits, expected = _cases(kit, odd)[case]
     edits = dict(edits)
-    replace = edits.pop("replace", None)
+    patch = edits.pop("patch", None)
     cfg = kit.config(tmp_path / "exp.toml", store=shared_store, **edits)
-    if replace:
-        assert replace[0] in cfg.read_text()
-        cfg.write_text(cfg.read_text().replace(replace[0], replace[1], 1))
+    if patch:
+        _patch(cfg, patch)
     before = snapshot(shared_store)
     assert cli_main(["cache", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -112,7 +126,7 @@ def test_refused_before_anything_is_written(kit: Kit, odd: dict, shared_store: P
     assert snapshot(shared_store) == before
     # and in a store that does not exist yet, not even the folder appears
     fresh = tmp_path / "fresh"
-    cfg.write_text(cfg.read_text().replace(f'store = "{shared_store}"', f'store = "{fresh}"'))
+    _patch(cfg, {"store": str(fresh)})
     assert cli_main(["cache", str(cfg), "--no-progress"]) == 2
     assert not fresh.exists()
 
@@ -120,7 +134,7 @@ def test_refused_before_anything_is_written(kit: Kit, odd: dict, shared_store: P
 def test_store_of_a_future_format_is_refused(kit: Kit, tmp_path, capsys):
     store = kit.store_copy(tmp_path / "store")
     (store / "mdiff.json").write_text(json.dumps({"format": "mdiff-store", "version": 2}))
-    cfg = kit.config(tmp_path / "exp.toml", store=store, train=train_toml(dictionaries=(BTK,)))
+    cfg = kit.config(tmp_path / "exp.toml", store=store, train=train_sweep(dictionaries=(BTK,)))
     before = snapshot(store)
     for command in ("cache", "train", "status", "verify"):
         assert cli_main([command, str(cfg)]) == 2, command
@@ -147,8 +161,7 @@ def test_crosscoder_over_cached_models_of_two_widths_is_refused_by_training(kit:
     wide = kit.config(tmp_path / "wide.toml", store=store, models=("llama-s0",), hooks=((1, "resid_post"),),
                       extra_models=_model("wide", odd["wide"]))
     run_cache(load_config(wide), log=lambda *a: None, progress=False)
-    train = train_toml(dictionaries=(BTK,)).replace('models = ["llama-s0", "llama-s1"]',
-                                                   'models = ["llama-s0", "wide"]')
+    train = train_sweep(dictionaries=(BTK,), models=("llama-s0", "wide"))
     cfg = kit.config(tmp_path / "cc.toml", store=store, models=("llama-s0",),
                      extra_models=_model("wide", odd["wide"]), train=train)
     before = snapshot(store)
@@ -160,7 +173,7 @@ def test_crosscoder_over_cached_models_of_two_widths_is_refused_by_training(kit:
 
 
 def test_dictionary_evaluated_on_another_store_is_refused(kit: Kit, tmp_path, capsys):
-    section = train_toml(steps=10, dictionaries=(BTK,), extra=f'out_dir = "{tmp_path / "runs"}"')
+    section = train_sweep(steps=10, dictionaries=(BTK,), extra={"out_dir": str(tmp_path / "runs")})
     trained = kit.config(tmp_path / "trained.toml", store=kit.ref_store, train=section)
     T.run_train(load_config(trained), log=lambda *a: None, progress=False)
     elsewhere = kit.store_copy(tmp_path / "elsewhere")
@@ -169,7 +182,7 @@ def test_dictionary_evaluated_on_another_store_is_refused(kit: Kit, tmp_path, ca
     assert cli_main(["eval", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "was trained on the store" in err and str(elsewhere) in err and "Traceback" not in err
-    assert "evaluate it with the experiment config it was trained with" in err
+    assert "use it with the experiment config it was trained with" in err
     assert snapshot(tmp_path / "runs") == before
 
 

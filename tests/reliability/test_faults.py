@@ -30,7 +30,7 @@ from tests.reliability.fault_kit import (
     data_files,
     reference_files,
     snapshot,
-    train_toml,
+    train_sweep,
 )
 from trainer import checkpoint as ckpt
 from trainer import train as T
@@ -54,7 +54,7 @@ def _outputs(out: Path) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def trained(kit: Kit) -> dict:
     """An uninterrupted training run on the reference store: what every interrupted one must equal."""
-    cfg = kit.config(kit.dir / "train-ref" / "exp.toml", store=kit.ref_store, train=train_toml())
+    cfg = kit.config(kit.dir / "train-ref" / "exp.toml", store=kit.ref_store, train=train_sweep())
     report = T.run_train(load_config(cfg), **SILENT)
     return _outputs(report.out_dir)
 
@@ -69,7 +69,7 @@ def _latest_step(out: Path) -> int:
 
 def test_training_killed_at_random_points_resumes_bit_identical(kit: Kit, trained: dict,
                                                                 forkserver: Forkserver, tmp_path):
-    cfg = kit.config(tmp_path / "exp.toml", store=kit.ref_store, train=train_toml())
+    cfg = kit.config(tmp_path / "exp.toml", store=kit.ref_store, train=train_sweep())
     out = tmp_path / "runs" / "exp"
     rng = random.Random(20261121)
     kills = []
@@ -206,14 +206,14 @@ def test_real_full_disk_for_the_cache_and_for_checkpoints(kit: Kit, trained: dic
 
     # training: checkpoints of ~200 KiB on 400 KiB; the failed one is gone, the latest is whole
     train_cfg = kit.config(tmp_path / "train.toml", store=kit.ref_store,
-                           train=train_toml(extra=f'out_dir = "{mnt}/runs/exp"'))
+                           train=train_sweep(extra={"out_dir": f"{mnt}/runs/exp"}))
     forkserver.sh("mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt))
     assert forkserver.run("train", str(train_cfg), "--no-progress", log=tmp_path / "train1.log") == 2
     err = (tmp_path / "train1.log").read_text()
     assert "Traceback" not in err and "no space left on the device" in err and "--resume" in err, err
     forkserver.sh("cp", "-a", str(mnt / "runs"), str(out / "runs-when-full"))
     checkpoints = out / "runs-when-full" / "exp" / "checkpoints"
-    assert not list(checkpoints.glob(".tmp_*"))
+    assert not list(checkpoints.glob(".*"))  # no temporary folder or file left behind
     latest = ckpt.latest_checkpoint(checkpoints)
     assert latest is not None and 0 < ckpt.trainer_state(latest)["step"] < 40
     for name in ("btk", "relu"):
@@ -246,7 +246,7 @@ def _damage(kit: Kit, tmp_path: Path) -> tuple[Path, Path, dict]:
     """A copy of the reference store with one flipped chunk (llama-s0 layer1, chunk 5 in shard 1)
     and one truncated shard file (llama-s1 layer2, shard 2: its chunks 8-11)."""
     store = kit.store_copy(tmp_path / "store")
-    cfg = kit.config(tmp_path / "exp.toml", store=store, train=train_toml(steps=10))
+    cfg = kit.config(tmp_path / "exp.toml", store=store, train=train_sweep(steps=10))
     arrays = _arrays(store)
     flipped, cut = arrays["llama-s0/layer1.resid_post"], arrays["llama-s1/layer2.resid_pre"]
     path = _shard_file(flipped, 1)

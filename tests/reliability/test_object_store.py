@@ -117,19 +117,8 @@ def _options(host: str, port: int) -> dict:
 
 def _config(kit: Kit, path, url: str, options: dict | None):
     """One model, one hook, two shards of 1024 rows: every request to moto costs milliseconds."""
-    cfg = kit.config(path, store=url, models=("llama-s0",), hooks=((1, "resid_post"),),
-                     shard_tokens=1024)
-    if options is None:
-        return cfg
-    line = f'store = "{url}"\n'
-    cfg.write_text(cfg.read_text().replace(line, f"{line}storage_options = {_toml(options)}\n"))
-    return cfg
-
-
-def _toml(value) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
-    return f'"{value}"' if isinstance(value, str) else str(value)
+    return kit.config(path, store=url, models=("llama-s0",), hooks=((1, "resid_post"),),
+                      shard_tokens=1024, storage_options=options)
 
 
 def _objects(url: str, options: dict) -> dict[str, bytes]:

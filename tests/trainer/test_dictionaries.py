@@ -11,15 +11,9 @@ import json
 import pytest
 import torch
 
+from trainer.architectures import ARCHITECTURES, BatchTopKDictionary
 from trainer.config import DictionarySpec
-from trainer.dictionaries import (
-    ARCHITECTURES,
-    TENSOR_TERMS,
-    BatchTopKDictionary,
-    Dictionary,
-    build_dictionary,
-    load_dictionary,
-)
+from trainer.dictionaries import TENSOR_TERMS, Dictionary, build_dictionary, load_dictionary
 
 D_MODEL = 32
 N_LATENTS = 128

@@ -329,8 +329,8 @@ def _shard_file(arr, shard):
 def test_verify_names_a_corrupted_chunk(tmp_path, reader):
     _, ts, arrays = build(tmp_path, n_models=2)
     # chunk 5 = shard 1, inner chunk 1; uncompressed, so its bytes sit at the index's offset
-    from trainer.loader import _ShardFileReader
-    offset = int(_ShardFileReader(arrays[1], arrays[1].chunk_checksums()).index(1)[1, 0])
+    from trainer.readers import ShardFileReader
+    offset = int(ShardFileReader(arrays[1], arrays[1].chunk_checksums()).index(1)[1, 0])
     path = Path(_shard_file(arrays[1], 1))
     data = bytearray(path.read_bytes())
     data[offset + 100:offset + 108] = b"\xff" * 8

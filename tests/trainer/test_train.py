@@ -18,15 +18,16 @@ from trainer import train as T
 from trainer.dictionaries import load_dictionary
 
 
-def train_section(models, dictionaries, steps=60, checkpoint_every=20, batch=256, extra=""):
+def train_section(models, dictionaries, steps=60, checkpoint_every=20, batch=256):
     return tiny_train_section(models, dictionaries, steps=steps, checkpoint_every=checkpoint_every,
-                              batch_size=batch, extra=extra)
+                              batch_size=batch)
 
-BTK = 'name = "btk"\narchitecture = "batchtopk"\nn_latents = 128\nk = 4'
-RELU = ('name = "relu"\narchitecture = "relu"\nn_latents = 128\nl1_coefficient = 0.1\n'
-        'l1_warmup_steps = 10\nresample_dead_every = 25')
-TOPK = 'name = "topk"\narchitecture = "topk"\nn_latents = 64\nk = 4\nk_start = 16\nk_schedule_steps = 30'
-JUMP = 'name = "jump"\narchitecture = "jumprelu"\nn_latents = 64\nl0_coefficient = 0.01'
+
+BTK = {"name": "btk", "architecture": "batchtopk", "n_latents": 128, "k": 4}
+RELU = {"name": "relu", "architecture": "relu", "n_latents": 128, "l1_coefficient": 0.1, "l1_warmup_steps": 10,
+        "resample_dead_every": 25}
+TOPK = {"name": "topk", "architecture": "topk", "n_latents": 64, "k": 4, "k_start": 16, "k_schedule_steps": 30}
+JUMP = {"name": "jump", "architecture": "jumprelu", "n_latents": 64, "l0_coefficient": 0.01}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_resume_is_bit_identical(cached, monkeypatch):
                        progress=False)
 
     cfg = load_config(config_with(cached, "cut", sweep))
-    real_step, calls = T._train_step, {"n": 0}
+    real_step, calls = T.train_step, {"n": 0}
 
     def dying_step(*args, **kwargs):
         calls["n"] += 1
@@ -101,10 +102,10 @@ def test_resume_is_bit_identical(cached, monkeypatch):
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(T, "_train_step", dying_step)
+    monkeypatch.setattr(T, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         T.run_train(cfg, log=lambda *a: None, progress=False)
-    monkeypatch.setattr(T, "_train_step", real_step)
+    monkeypatch.setattr(T, "train_step", real_step)
     resumed = T.run_train(cfg, resume=True, log=lambda *a: None, progress=False)
     assert resumed.resumed_from == 45
     for name in ("btk", "relu"):

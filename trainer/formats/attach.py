@@ -15,11 +15,12 @@ from pathlib import Path
 
 from pipeline import experiment as E
 from pipeline import store as S
+from pipeline.records import sha256_file
 from trainer.config import TrainExperiment as ExperimentConfig
 from trainer.dictionaries import CONFIG_FILE, WEIGHTS_FILE, load_dictionary
 
 from . import read_foreign, saelens
-from .common import FormatError, sha256_file
+from .common import FormatError
 
 
 def default_out_dir(cfg: ExperimentConfig, name: str) -> Path:

@@ -12,7 +12,6 @@ unchanged; the reconstruction comes out in store units. Raw units are the case s
 
 from __future__ import annotations
 
-import hashlib
 import math
 import pickle
 from dataclasses import dataclass, field
@@ -65,11 +64,6 @@ class ForeignDictionary:
         return {"format": self.format, "kind": self.kind, "path": self.path, "files": self.files,
                 "hook_name": self.hook_name, "model_names": self.model_names,
                 "input_scales": self.input_scales, "notes": self.notes, "config": self.config}
-
-
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_pt_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -141,11 +135,7 @@ def assemble(architecture: str, *, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, 
     with torch.no_grad():
         for key, t in tensors.items():
             getattr(out, key).copy_(t)
-        if architecture == "batchtopk":
-            out.threshold.fill_(float(threshold))
-        elif architecture == "jumprelu":
-            theta = torch.as_tensor(threshold, dtype=torch.float32).expand(m)
-            out.log_threshold.copy_(theta.clamp_min(0).log())  # log(0) = -inf: threshold exactly 0
+    out.set_threshold_(threshold)
     return out.eval()
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
+from pipeline.records import sha256_file
+
 from .common import (
     ForeignDictionary,
     FormatError,
@@ -41,7 +43,6 @@ from .common import (
     check_keys,
     load_pt_state_dict,
     positive_scales,
-    sha256_file,
 )
 
 WEIGHTS_FILE = "ae.pt"

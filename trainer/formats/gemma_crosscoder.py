@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from pipeline import hook_names
+from pipeline.records import sha256_file
 
 from .common import (
     ForeignDictionary,
@@ -33,7 +34,6 @@ from .common import (
     check_keys,
     load_pt_state_dict,
     positive_scales,
-    sha256_file,
 )
 
 WEIGHTS_FILE = "cc_weights.pt"

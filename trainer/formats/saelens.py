@@ -39,9 +39,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import hook_names
+from pipeline.records import sha256_file
 from trainer.dictionaries import Dictionary
 
-from .common import ForeignDictionary, FormatError, absorb_b_dec, assemble, check_keys, positive_scales, sha256_file
+from .common import ForeignDictionary, FormatError, absorb_b_dec, assemble, check_keys, positive_scales
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

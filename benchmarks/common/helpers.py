@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmarks that compare this project with the peer toolkits.
+"""Small helpers shared by the benchmarks: where results go, BENCHMARKS.md sections, and the
+paired timings of the comparisons with the peer toolkits.
 
 Timings on a shared machine drift, so every comparison is made of pairs measured next to each other
 (ours and the peer's, in alternating order) and reported as the median of the per-pair ratios.
@@ -15,7 +16,8 @@ from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+RESULTS = ROOT / "benchmarks" / "results"  # each benchmark's JSON file of raw figures
 PEER_PACKAGES = ("dictionary-learning", "sae-lens", "eai-sparsify", "transformer-lens")
 
 
@@ -30,10 +32,23 @@ def stamped_log():
     return log
 
 
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace this benchmark's section of BENCHMARKS.md, keeping the others."""
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `make bench`.\n"
+    block = f"{begin}\n{body}{end}\n"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
 def peers_missing(error: Exception, script: str) -> str:
-    """The message a peer benchmark exits with when run outside the peers' environment."""
+    """The message a peer benchmark (`script`: its module name under benchmarks) exits with when
+    run outside the peers' environment."""
     return (f"a peer toolkit is not importable ({error}); run with the peers' environment:\n"
-            f"  bash benchmarks/peer_env.sh && .venv-peers/bin/python benchmarks/{script}")
+            f"  bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.{script}")
 
 
 def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:

@@ -117,13 +117,13 @@ def trained_tiny_model(work: Path = DEFAULT_WORK, recipe: LMRecipe = LMRecipe(),
 def add_common_args(ap, json_name: str, repeats: int, model: bool = True) -> None:
     """What every peer benchmark takes: repeats, threads, where to work and write, and (those that
     run the tiny model) its sizes."""
-    from bench_helpers import ROOT
+    from benchmarks.common.helpers import RESULTS, ROOT
 
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, both sides")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    ap.add_argument("--json", default=str(ROOT / "benchmarks" / json_name))
+    ap.add_argument("--json", default=str(RESULTS / json_name))
     if model:
         add_model_args(ap)
 
@@ -149,43 +149,27 @@ def recipe_from_args(args) -> LMRecipe:
     return LMRecipe(d_model=args.d_model, n_layers=args.layers, steps=args.lm_steps)
 
 
-def write_config(path: Path, lm: TinyLM, *, store: Path, n_tokens: int,
-                 validation_fraction: float = 0.0, storage_dtype: str = "bfloat16",
-                 batch_size: int = 32, scale_sample_tokens: int = 4096, chunk_tokens: int = 4096,
-                 shard_tokens: int = 65536, train: str = "", name: str = "bench-peers") -> Path:
-    """An experiment config over the tiny model (one model, its middle layer's resid_post)."""
-    ctx = lm.recipe.context_length
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'''name = "{name}"
-store = "{store}"
+def write_experiment(path: Path, lm: TinyLM, *, store: Path, n_tokens: int,
+                     validation_fraction: float = 0.0, storage_dtype: str = "bfloat16",
+                     batch_size: int = 32, scale_sample_tokens: int = 4096, chunk_tokens: int = 4096,
+                     shard_tokens: int = 65536, train: dict | None = None,
+                     name: str = "bench-peers") -> Path:
+    """An experiment config over the tiny model (one model, its middle layer's resid_post), with
+    `train` as its [train] section if given."""
+    from pipeline.config_files import write_config
 
-[[models]]
-name = "tiny"
-path = "{lm.path}"
-device = "cpu"
-dtype = "float32"
-
-[[hooks]]
-layer = {lm.hook_layer}
-site = "resid_post"
-
-[tokens]
-context_length = {ctx}
-n_tokens = {n_tokens}
-validation_fraction = {validation_fraction}
-
-[[tokens.sources]]
-kind = "text"
-paths = ["{lm.corpus}"]
-
-[cache]
-storage_dtype = "{storage_dtype}"
-chunk_tokens = {chunk_tokens}
-shard_tokens = {shard_tokens}
-batch_size = {batch_size}
-scale_sample_tokens = {scale_sample_tokens}
-{train}''')
-    return path
+    return write_config(path, {
+        "name": name,
+        "store": str(store),
+        "models": [{"name": "tiny", "path": str(lm.path), "device": "cpu", "dtype": "float32"}],
+        "hooks": [{"layer": lm.hook_layer, "site": "resid_post"}],
+        "tokens": {"context_length": lm.recipe.context_length, "n_tokens": n_tokens,
+                   "validation_fraction": validation_fraction,
+                   "sources": [{"kind": "text", "paths": [str(lm.corpus)]}]},
+        "cache": {"storage_dtype": storage_dtype, "chunk_tokens": chunk_tokens, "shard_tokens": shard_tokens,
+                  "batch_size": batch_size, "scale_sample_tokens": scale_sample_tokens},
+        "train": train,
+    }, header="Written by benchmarks.common.peer_fixture for the peer benchmarks.")
 
 
 def saelens_hook_name(lm: TinyLM) -> str:

@@ -1,0 +1,299 @@
+"""The dictionary architectures, and the one registry of them that everything else reads.
+
+Each architecture is one class here: how pre-activations become codes, its sparsity penalty, and
+its traits (uses k, available for crosscoders, L1 penalty, dead-latent resampling, display label;
+declared on `trainer.dictionary.Dictionary`). `ARCHITECTURES` maps the names configs use to the
+classes; the config checks (trainer/config.py: the allowed names, which keys apply), the trainer's
+per-step schedules and `build_dictionary` all read it. Adding an architecture is a class here and
+its entry in `ARCHITECTURES` (plus its tests), nothing else.
+
+The loss terms, added to the shared mse (trainer/dictionary.py):
+
+    relu       loss = mse + l1_coefficient * l1,  l1 = mean_b sum_j f_j * sum_n ||W_dec[j, n]||
+    topk       loss = mse + aux_coefficient * aux
+    batchtopk  loss = mse + aux_coefficient * aux
+    jumprelu   loss = mse + l0_coefficient * l0_penalty,  l0_penalty = mean_b sum_j H(pre_j - theta_j)
+
+The AuxK term (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", section A.2) models
+the main reconstruction's error e = x - x_hat (a detached target) with the `aux_k` largest
+pre-activations among the dead latents, decoded without b_dec, normalised by the variance of e:
+
+    aux = sum_{b,n,d} (e - e_hat)^2 / sum_{b,n,d} (e - mean_b e)^2,   e_hat = einsum(z, W_dec)
+
+where z keeps the top aux_k (default 2*k, capped at the number of dead latents) of relu(pre) over
+the dead latents per token. It is zero when no latent is dead (or aux_k = 0). The normalisation
+makes aux_coefficient (Gao et al.: 1/32) independent of the activation scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from trainer.dictionary import EPS, Dictionary
+
+if TYPE_CHECKING:
+    from trainer.config import DictionarySpec
+
+
+class ReLUDictionary(Dictionary):
+    """ReLU codes with the decoder-norm-weighted L1 (Anthropic's crosscoder penalty).
+
+    Weighting by decoder norm stops the optimiser from dodging the L1 by shrinking codes and
+    growing decoder rows, so no norm constraint is needed.
+    """
+
+    architecture = "relu"
+    label = r"ReLU ($\ell_1$)"
+    l1_penalty = True
+    resamples_dead = True
+
+    def _activate(self, pre: Tensor, k: int | None) -> Tensor:
+        return torch.relu(pre)
+
+    def _penalty(self, pre, f, x, x_hat, *, k, l1_coefficient, dead_mask):
+        coef = self.spec.l1_coefficient if l1_coefficient is None else l1_coefficient
+        # mean_b sum_j f_bj w_j, as (mean_b f_b) . w: no [batch, latents] temporary either way
+        l1 = f.mean(0) @ self._selection_weights()
+        return coef * l1, {"l1": l1}
+
+
+class TopKDictionary(Dictionary):
+    """Exactly the k largest codes per token (Gao et al. 2024), with AuxK against dead latents.
+
+    Latents are ranked by f_j * sum_n ||W_dec[j, n]||: for an SAE the decoder rows are held at unit
+    norm and this is f_j; a crosscoder has no constraint, so the weighting is what makes codes of
+    differently-scaled latents comparable.
+    """
+
+    architecture = "topk"
+    label = "TopK"
+    uses_k = True
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.n_models == 1
+
+    def _k(self, k: int | None) -> int:
+        k = self.spec.k if k is None else k
+        if k is None or k < 1:
+            raise ValueError(f"{self.architecture} needs k >= 1 (spec.k or the k passed in), got {k}")
+        return min(k, self.n_latents)
+
+    def _ranked(self, f: Tensor) -> Tensor:
+        return f if self.unit_norm_decoder else f * self._selection_weights().detach()
+
+    def _select(self, pre: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
+        """(flat indices into pre, their ranked values) of the codes this architecture keeps."""
+        top = self._ranked(pre).topk(self._k(k), dim=1, sorted=False)
+        rows = torch.arange(pre.shape[0], device=pre.device)[:, None] * pre.shape[1]
+        return (top.indices + rows).flatten(), top.values.flatten()
+
+    def _activate(self, pre: Tensor, k: int | None) -> Tensor:
+        return self._codes(pre, k)[0]
+
+    def _codes(self, pre: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        # ranking pre-activations (weights > 0) picks the same latents as ranking relu(pre), so
+        # the relu only touches the chosen values, and a code is active exactly where its ranked
+        # value is positive: L0, the counters and the smallest kept code come from the selection
+        # (batch * k values), not from more passes over the dense [batch, latents] codes
+        idx, ranked = self._select(pre, k)
+        flat = pre.flatten()
+        f = torch.zeros_like(flat).scatter_(0, idx, torch.relu(flat.gather(0, idx))).view_as(pre)
+        active = ranked > 0
+        counts = torch.zeros(self.n_latents, dtype=torch.float32, device=pre.device)
+        counts.index_add_(0, idx % self.n_latents, active.to(torch.float32))
+        smallest = torch.where(active, ranked, math.inf).min()
+        return f, counts, smallest
+
+    def _penalty(self, pre, f, x, x_hat, *, k, l1_coefficient, dead_mask):
+        aux = self._aux_loss(pre, x, x_hat, dead_mask)
+        return self.spec.aux_coefficient * aux, {"aux": aux}
+
+    def _aux_loss(self, pre: Tensor, x: Tensor, x_hat: Tensor, dead_mask: Tensor | None) -> Tensor:
+        zero = pre.new_zeros(())
+        aux_k = 2 * self._k(None) if self.spec.aux_k is None else self.spec.aux_k
+        if dead_mask is None or aux_k == 0:
+            return zero
+        # the dead latents' columns only: the cost scales with how many are dead, not with the
+        # dictionary (the index list is one host sync, as counting them would be)
+        dead = dead_mask.to(device=pre.device, dtype=torch.bool).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return zero
+        e = (x - x_hat).detach()
+        everyone = dead.numel() == self.n_latents  # then no column copies are needed
+        dead_pre = torch.relu(pre if everyone else pre.index_select(1, dead))
+        w_dec = self.W_dec if everyone else self.W_dec.index_select(0, dead)
+        top = dead_pre.topk(min(aux_k, dead.numel()), dim=1, sorted=False)
+        z = torch.zeros_like(dead_pre).scatter_(1, top.indices, top.values)
+        e_hat = (z @ w_dec.reshape(dead.numel(), -1)).view_as(e)
+        return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(EPS)
+
+    def constrain_(self) -> None:
+        if not self.unit_norm_decoder:
+            return
+        self._refuse_if_folded()
+        with torch.no_grad():
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS))
+
+    def remove_parallel_grads_(self) -> None:
+        """Radial gradient components would only be undone by `constrain_`; drop them first."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        self._refuse_if_folded()
+        with torch.no_grad():
+            unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS)
+            grad = self.W_dec.grad
+            grad.sub_((grad * unit).sum(-1, keepdim=True) * unit)
+
+    def _refuse_if_folded(self) -> None:
+        if self.folded:
+            raise RuntimeError("a folded dictionary works on raw activations and is not trained; "
+                               "train the unfolded one and fold it afterwards")
+
+
+class BatchTopKDictionary(TopKDictionary):
+    """The batch*k largest codes over a training batch (Bussmann et al. 2024): k on average.
+
+    Inference must not depend on the batch, so training also estimates a global threshold: after
+    each training `loss` call, the smallest kept (norm-weighted) code of that batch is folded into
+    an exponential moving average (factor 0.99; the first batch sets it). In eval mode a code is
+    kept when its norm-weighted value exceeds `threshold`. A negative threshold means "not yet
+    estimated"; eval then keeps every positive code.
+    """
+
+    architecture = "batchtopk"
+    label = "BatchTopK"
+    threshold_momentum = 0.99
+
+    def __init__(self, spec: DictionarySpec, n_models: int, d_model: int,
+                 scales: list[float] | None = None) -> None:
+        super().__init__(spec, n_models, d_model, scales)
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def _activate(self, pre: Tensor, k: int | None) -> Tensor:
+        if not self.training:
+            f = torch.relu(pre)
+            return f * (self._ranked(f) > self.threshold)
+        return super()._activate(pre, k)
+
+    def _select(self, pre: Tensor, k: int | None) -> tuple[Tensor, Tensor]:
+        top = self._ranked(pre).flatten().topk(pre.shape[0] * self._k(k), sorted=False)
+        return top.indices, top.values
+
+    def _codes(self, pre: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        if not self.training:
+            return Dictionary._codes(self, pre, k)
+        return super()._codes(pre, k)
+
+    @torch.no_grad()
+    def set_threshold_(self, threshold: Tensor | float | None) -> None:
+        self.threshold.fill_(float(threshold))
+
+    @torch.no_grad()
+    def _observe_training_batch(self, smallest_kept: Tensor | None) -> None:
+        # tensor ops only: no host sync on the training hot path
+        if smallest_kept is None:
+            return
+        old = self.threshold
+        ema = old + (1 - self.threshold_momentum) * (smallest_kept - old)
+        new = torch.where(old < 0, smallest_kept, ema)
+        self.threshold.copy_(torch.where(torch.isfinite(smallest_kept), new, old))
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """x * H(x - theta); d/dtheta by the rectangle-kernel straight-through estimator.
+
+    Rajamanoharan et al. 2024 ("Jumping Ahead"): d/dtheta = -(theta / eps) * K((x - theta) / eps),
+    K = 1 on (-1/2, 1/2). The gradient w.r.t. x is the ordinary one, H(x - theta).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(x, theta)
+        ctx.bandwidth = bandwidth
+        return x * (x > theta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((x - theta) / eps).abs() < 0.5
+        grad_theta = (-(theta / eps) * kernel * grad).sum(0)
+        return grad * (x > theta), grad_theta, None
+
+
+class _StepFn(torch.autograd.Function):
+    """H(x - theta), whose only gradient is the straight-through one w.r.t. theta.
+
+    d/dtheta = -(1 / eps) * K((x - theta) / eps); x gets none, as in the paper, so the L0 penalty
+    moves thresholds rather than shrinking pre-activations.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(x, theta)
+        ctx.bandwidth = bandwidth
+        return (x > theta).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((x - theta) / eps).abs() < 0.5
+        grad_theta = (-(1.0 / eps) * kernel * grad).sum(0)
+        return torch.zeros_like(x), grad_theta, None
+
+
+class JumpReLUDictionary(Dictionary):
+    """Per-latent learned thresholds and a direct L0 penalty (SAE only)."""
+
+    architecture = "jumprelu"
+    label = "JumpReLU"
+    crosscoders = False
+
+    def __init__(self, spec: DictionarySpec, n_models: int, d_model: int,
+                 scales: list[float] | None = None) -> None:
+        super().__init__(spec, n_models, d_model, scales)
+        # log-parametrised so the threshold stays positive under any optimizer step
+        self.log_threshold = nn.Parameter(
+            torch.full((self.n_latents,), math.log(spec.jumprelu_threshold_init)))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    @torch.no_grad()
+    def set_threshold_(self, threshold: Tensor | float | None) -> None:
+        """Per-latent thresholds [m] (or one for all); values <= 0 mean "every positive
+        pre-activation passes", which is threshold 0 (log 0 = -inf)."""
+        theta = torch.as_tensor(threshold, dtype=torch.float32).expand(self.n_latents)
+        self.log_threshold.copy_(theta.clamp_min(0).log())
+
+    def _activate(self, pre: Tensor, k: int | None) -> Tensor:
+        return _JumpReLUFn.apply(pre, self.threshold, self.spec.jumprelu_bandwidth)
+
+    def _penalty(self, pre, f, x, x_hat, *, k, l1_coefficient, dead_mask):
+        l0 = _StepFn.apply(pre, self.threshold, self.spec.jumprelu_bandwidth).sum(1).mean()
+        return self.spec.l0_coefficient * l0, {"l0_penalty": l0}
+
+
+# The registry, in the order names are listed to users (config errors, report tables).
+ARCHITECTURES: dict[str, type[Dictionary]] = {
+    cls.architecture: cls for cls in (ReLUDictionary, TopKDictionary, BatchTopKDictionary, JumpReLUDictionary)
+}
+
+
+def names(**traits: bool) -> tuple[str, ...]:
+    """The architectures whose traits have these values, in registry order, e.g. names(uses_k=True)."""
+    return tuple(name for name, cls in ARCHITECTURES.items()
+                 if all(getattr(cls, trait) == value for trait, value in traits.items()))
+
+
+def spoken(items: tuple[str, ...] | list[str], conjunction: str = "and") -> str:
+    """'a', 'a and b', 'a, b and c': a list of names as a sentence says it."""
+    items = list(items)
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {conjunction} {items[-1]}"
