@@ -21,6 +21,7 @@ import torch
 from pipeline import experiment as E
 from pipeline import store as S
 from pipeline.config import HookSpec
+from pipeline.locations import is_remote, local_path
 from trainer.config import TrainExperiment
 from trainer.dictionaries import CONFIG_FILE, Dictionary, load_dictionary
 
@@ -102,9 +103,9 @@ def open_trained(dict_dir: str | os.PathLike, cfg: TrainExperiment, *,
 
 
 def _same_store(a: str, b: str) -> bool:
-    if "://" in a or "://" in b:
+    if is_remote(a) or is_remote(b):
         return a.rstrip("/") == b.rstrip("/")
-    return os.path.realpath(a) == os.path.realpath(b)
+    return os.path.realpath(local_path(a)) == os.path.realpath(local_path(b))
 
 
 def check_against_config(meta: dict, cfg: TrainExperiment, dict_dir: Path) -> None:
