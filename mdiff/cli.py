@@ -239,7 +239,7 @@ def cmd_smoke(args) -> int:
     config_path = write_smoke_config(directory, fx)
     print(f"wrote {config_path}")
     args.config = str(config_path)
-    args.resume = False
+    args.resume, args.dictionary = False, None
     args.configs, args.out = [args.config], None
     return cmd_cache(args) or cmd_train(args) or cmd_eval(args) or cmd_report(args)
 

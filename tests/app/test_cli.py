@@ -27,3 +27,22 @@ def test_cache_train_eval_report(tmp_path, capsys):
     bare = write_config(tmp_path / "bare.toml", fx, n_tokens=8192, hooks=((1, "resid_post"),))
     assert cli_main(["eval", str(bare)]) == 2
     assert "train: missing" in capsys.readouterr().err
+
+
+def test_smoke_hands_every_stage_the_arguments_it_reads(tmp_path, monkeypatch):
+    """`mdiff smoke` runs the four stage commands with one namespace: each must find its options
+    there (eval's --dictionary was once missing, so `make smoke` stopped after training)."""
+    import mdiff.cli as cli
+    import mdiff.tiny as tiny
+
+    seen = []
+    monkeypatch.setattr(tiny, "build_fixture", lambda directory, **kw: {})
+    monkeypatch.setattr(tiny, "write_smoke_config", lambda directory, fx: directory / "exp.toml")
+    monkeypatch.setattr(cli, "cmd_cache", lambda args: seen.append("cache") or 0)
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.append("train") or 0)
+    monkeypatch.setattr(cli, "cmd_report", lambda args: seen.append("report") or 0)
+    monkeypatch.setattr("mdiff.config.load_config", lambda path: path)  # the real cmd_eval runs
+    monkeypatch.setattr("evals.run.run_eval", lambda cfg, **kw: seen.append(("eval", kw["dict_dirs"])))
+    args = cli.build_parser().parse_args(["smoke", str(tmp_path), "--no-progress"])
+    assert cli.cmd_smoke(args) == 0
+    assert seen == ["cache", "train", ("eval", None), "report"]
