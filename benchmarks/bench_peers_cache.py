@@ -208,7 +208,7 @@ alternating order.
 Bytes per token include every file of the cache: our shard indexes and records; SAELens' int32
 token ids stored next to each activation row (4 bytes per token) and its Arrow metadata. Our token
 ids live once per token set ({r['token_set_bytes_per_token']:.1f} bytes per token here), shared by every model and hook cached on it.
-Raw figures: `benchmarks/peers_cache.json`. Reproduce: `bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_peers_cache`.
+Raw figures: `benchmarks/results/peers_cache.json`. Reproduce: `bash benchmarks/peer_env.sh && .venv-peers/bin/python -m benchmarks.bench_peers_cache`.
 """
 
 
