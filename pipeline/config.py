@@ -7,6 +7,8 @@ the app composes the whole file (`mdiff.config`). The checks are in `pipeline.in
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,6 +22,15 @@ StorageDtype = Literal["bfloat16", "float32"]
 
 
 SourceKind = Literal["hf", "text", "jsonl", "parquet", "tokenized"]
+
+
+# What ends each document in a source's stream: "eos" (the tokenizer's EOS), "none", or one token.
+DEFAULT_SEPARATOR = "eos"
+NO_SEPARATOR = "none"
+# End-of-turn tokens of chat templates (Llama 3, ChatML, Gemma, Phi-3, Llama 4): a base model was not
+# trained to read them between documents (Llama 3's base model never trained <|eot_id|>'s embedding).
+CHAT_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|eot|>")
+_CHAT_MODEL = re.compile(r"instruct|chat|(^|[-_.])(it|sft|dpo|rlhf)($|[-_.])", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,13 @@ class ModelSpec:
     @property
     def has_weights(self) -> bool:
         return any(v is not None for v in (self.repo, self.path, self.gguf))
+
+    @property
+    def is_chat_model(self) -> bool:
+        """Whether the weights' name marks a chat model (...-Instruct, ...-it, ...-chat). The config
+        alone cannot tell more, so a model without such a mark is taken for a base model."""
+        weights = self.repo or self.path or self.gguf or ""
+        return bool(_CHAT_MODEL.search(os.path.basename(weights.rstrip("/")).removesuffix(".gguf")))
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,15 @@ class SourceSpec:
     weight: float = 1.0
     chat: Literal["auto", "yes", "no"] = "auto"  # render conversation records with the chat template
     text_unit: Literal["line", "paragraph", "file"] = "paragraph"  # text: what one document is
+    # the token after each document, as the model reading it was trained: "eos" (the tokenizer's EOS),
+    # "none" (a chat template that ends each conversation itself) or one token, e.g. "<|end_of_text|>"
+    separator: str = DEFAULT_SEPARATOR
+
+    @property
+    def reads_plain_text(self) -> bool:
+        """Whether the documents are plain text, as far as the config says: not token ids, and not
+        conversations (chat = "yes", or the "messages" column) that a chat template renders."""
+        return self.kind != "tokenized" and self.chat != "yes" and self.column != "messages"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-from pipeline.config import CacheSpec, HookSpec, ModelSpec, SourceSpec, TokenSpec
+from pipeline.config import CHAT_TURN_TOKENS, CacheSpec, HookSpec, ModelSpec, SourceSpec, TokenSpec
 from pipeline.config_checks import absolute_path, check_name, check_size, have
 from pipeline.locations import is_remote, resolve_store
 from pipeline.typed_config import Check, join_key, problem, show, show_path
@@ -100,6 +100,9 @@ def _check_source(values: dict, where: str, errors: list[str], *, base_dir: str)
     if "weight" in values and not values["weight"] > 0:
         problem(errors, join_key(where, "weight"), f"is {values['weight']}",
                  "weights are mixing proportions and must be > 0; remove the source instead")
+    if "separator" in values and not values["separator"]:
+        problem(errors, join_key(where, "separator"), "is empty",
+                "use 'eos' (the tokenizer's EOS, the default), 'none', or one token such as '<|end_of_text|>'")
     if not have(values, "kind", "name", "paths"):
         return
     kind, name, paths = values["kind"], values["name"], values["paths"]
@@ -313,6 +316,28 @@ def _check_tokenizer(tokens: TokenSpec, models: list[ModelSpec], where: str, err
              f"{hint}it names the model whose tokenizer is used; models: {listed}")
 
 
+def _check_separators(tokens: TokenSpec, models: list[ModelSpec], where: str, errors: list[str]) -> None:
+    """Plain text fed to a base model must end its documents the way the base model was trained.
+
+    Only what the config spells out is checked: a source left at 'eos' gets the tokenizer's EOS,
+    which this check cannot see without loading the tokenizer.
+    """
+    base = [m for m in models if m.has_weights and not m.is_chat_model]
+    if not base:
+        return
+    for i, src in enumerate(tokens.sources):
+        if src.separator in CHAT_TURN_TOKENS and src.reads_plain_text:
+            problem(errors, f"{where}[{i}].separator",
+                    f"{show(src.separator)} is a chat template's end-of-turn token, but this source is "
+                    f"plain text and the token set feeds the base model {show(base[0].name)}, which was "
+                    "not trained to read it between documents",
+                    "separate plain text with the base model's own end-of-text token, e.g. "
+                    "separator = '<|end_of_text|>' (Llama 3), '<eos>' (Gemma), '<|endoftext|>' (Qwen, "
+                    "SmolLM, Phi-3); if the records are conversations, set chat = 'yes' to render them with "
+                    f"the chat template; if {show(base[0].name)} is a chat model after all, remove separator "
+                    "(the tokenizer's own EOS then ends each document)")
+
+
 def _check_imported(tokens: TokenSpec, models: list[ModelSpec], where: str, errors: list[str]) -> None:
     """Imported arrays live in the token set their import made, which only tokens.tokenset names."""
     for i, m in enumerate(models):
@@ -361,6 +386,7 @@ def check_cache_experiment(values: dict, where: str, errors: list[str], *, base_
     if have(values, "models", "tokens"):
         _check_tokenizer(values["tokens"], values["models"], join_key(where, "tokens.tokenizer"), errors)
         _check_imported(values["tokens"], values["models"], where, errors)
+        _check_separators(values["tokens"], values["models"], join_key(where, "tokens.sources"), errors)
     if "cache" in values:
         _check_shards(values["cache"], values.get("tokens"), join_key(where, "cache"), errors)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 
 from pipeline.store.errors import StoreError, StoreFormatError
+from pipeline.tokens.naming import TOKEN_SET_FORMAT  # the rules a token set's rows follow (its format)
 
 FORMAT = "mdiff-store"
 FORMAT_VERSION = 1
@@ -59,6 +60,32 @@ def check_format_version(meta: dict, where: str) -> None:
         raise StoreFormatError(
             f"{where} was written by store format {version!r}, but this mdiff reads format "
             f"{FORMAT_VERSION} and older: upgrade mdiff (pip install -U mdiff) to read it."
+        )
+
+
+def check_token_set_format(attrs: dict, where: str, rebuild: str) -> None:
+    """Refuse a token set whose rows follow other rules than this code's.
+
+    A token set of an older format has the same sequences in another order, so its validation
+    split is other tokens; rows of the two must never be mixed (arrays cached on it are in its
+    order). Imported token sets keep the foreign cache's order, which no packing rule changes.
+    """
+    version = attrs.get("tokenset_format")
+    if version is None and "imported_from" in attrs:
+        return
+    if version is None:
+        version = 1  # written before the format was recorded
+    if not isinstance(version, int) or isinstance(version, bool) or version > TOKEN_SET_FORMAT:
+        raise StoreFormatError(
+            f"{where} was written by token-set format {version!r}, but this mdiff reads token-set "
+            f"format {TOKEN_SET_FORMAT}: upgrade mdiff (pip install -U mdiff) to read it."
+        )
+    if version < TOKEN_SET_FORMAT:
+        raise StoreFormatError(
+            f"{where} was packed by an older mdiff (token-set format {version}): within each source "
+            f"its sequences are in stream order, so its validation split is the tail of every source. "
+            f"This mdiff reads token-set format {TOKEN_SET_FORMAT}, which shuffles the sequences within "
+            f"each source too, and refuses to mix the two. {rebuild}"
         )
 
 

@@ -1,7 +1,8 @@
 """Reading an array's shard files directly, without zarr: where each inner chunk's bytes are.
 
 For local uncompressed arrays the loader skips zarr's decoding and reads chunk bytes straight
-from the shard files (`os.preadv` into its buffers). That needs the shard file format, which is
+from the shard files (`os.preadv` into its buffers), taking from the page cache what it holds
+(RWF_NOWAIT) before deciding how to read the rest. That needs the shard file format, which is
 the store's business: each file ends with its index (per inner chunk two little-endian uint64,
 offset and nbytes, then a crc32c of the index), and a chunk that was never written is absent
 from it. This module finds the files, parses and checks their indexes, and reads bytes; what to
@@ -10,6 +11,7 @@ read into, and when, is the reader's (trainer/readers.py).
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -117,15 +119,38 @@ class ShardFiles:
             return None
         return shard, int(idx[j, 0]), int(idx[j, 1])
 
+    def open(self, shard: int, flags: int = 0) -> int:
+        """A descriptor of the shard file (flags: e.g. os.O_DIRECT); the caller closes it."""
+        return os.open(self.shard_file(shard), os.O_RDONLY | flags)
+
+    def read_at(self, fd: int, view: memoryview, offset: int, where, *, cached_only: bool = False) -> int:
+        """Fill `view` from the file at `offset` (`where`: (chunk, lo, hi), for errors); returns the
+        bytes filled.
+
+        `cached_only`: take only what the page cache holds (RWF_NOWAIT), stopping at the first page
+        that would wait for the disk; returns -1 where the kernel or filesystem cannot say."""
+        pos = 0
+        while pos < len(view):
+            try:
+                got = (os.preadv(fd, [view[pos:]], offset + pos, os.RWF_NOWAIT) if cached_only
+                       else os.preadv(fd, [view[pos:]], offset + pos))
+            except BlockingIOError:  # EAGAIN: the next page is not cached
+                return pos
+            except OSError as e:
+                if cached_only and e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    return -1
+                raise
+            if got <= 0:
+                if cached_only:
+                    return pos  # a plain read says whether the file is truncated
+                raise self._bad(*where, "is truncated")
+            pos += got
+        return pos
+
     def pread(self, shard: int, view: memoryview, offset: int, flags: int, where) -> None:
         """Fill `view` from the shard file at `offset` (`where`: (chunk, lo, hi), for errors)."""
-        fd = os.open(self.shard_file(shard), os.O_RDONLY | flags)
+        fd = self.open(shard, flags)
         try:
-            pos = 0
-            while pos < len(view):
-                got = os.preadv(fd, [view[pos:]], offset + pos)
-                if got <= 0:
-                    raise self._bad(*where, "is truncated")
-                pos += got
+            self.read_at(fd, view, offset, where)
         finally:
             os.close(fd)

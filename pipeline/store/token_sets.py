@@ -1,7 +1,8 @@
 """Token sets in the store: writing one whole (idempotently) and opening a complete one.
 
 A token set is the fixed tokens every model of an experiment is run over; it is written once per
-id by whoever gets there first, and only a token set with its completion record is ever read.
+id by whoever gets there first, and only a token set with its completion record, packed by this
+code's rules (`tokenset_format`), is ever read.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from dataclasses import dataclass
 import zarr
 
 from pipeline.store.errors import IncompleteError, StoreError, StoreMismatchError, write_errors
-from pipeline.store.layout import FORMAT_VERSION, check_format_version, complete_record, tokenset_path
+from pipeline.store.layout import (
+    FORMAT_VERSION,
+    TOKEN_SET_FORMAT,
+    check_format_version,
+    check_token_set_format,
+    complete_record,
+    token_set_arrays_path,
+    tokenset_path,
+)
 from pipeline.store.root import StoreRoot
 
 
@@ -64,7 +73,8 @@ def write_token_set(root: StoreRoot, tokenset_id: str, n_sequences: int, context
     # existing group and then writes, so a second job that passed the check while the first was
     # finishing rewrote the group's metadata after the first had completed; with empty attributes
     # that lost n_train_sequences under the first job's feet. Now every writer writes the same.
-    final_attrs = {"format_version": FORMAT_VERSION, **attrs}
+    # every writer's rows follow this code's rules (imported ones keep their foreign order)
+    final_attrs = {"format_version": FORMAT_VERSION, **attrs, "tokenset_format": TOKEN_SET_FORMAT}
     with write_errors(f"the metadata of token set {root.url}/{path}", 0, root):
         try:
             group = zarr.create_group(store=store, path=path, attributes=final_attrs)
@@ -103,4 +113,15 @@ def open_token_set(root: StoreRoot, tokenset_id: str) -> TokenSet:
     group = zarr.open_group(store=root.zarr_store(), path=path, mode="r")
     attrs = group.attrs.asdict()
     check_format_version(attrs, f"{root.url}/{path}")
+    check_token_set_format(attrs, f"token set {tokenset_id} in {root.url}", _rebuild(root, tokenset_id))
     return TokenSet(tokenset_id, group["tokens"], group["source"], attrs)
+
+
+def _rebuild(root: StoreRoot, tokenset_id: str) -> str:
+    return (
+        f"To rebuild it, run `mdiff cache <config>` again: the format is part of the token set id, "
+        f"so the same config now names a new token set and caches every model on it (then rerun "
+        f"`mdiff train <config>` and `mdiff eval <config>`: dictionaries trained on the old one "
+        f"belong to its order). Delete {root.url}/{tokenset_path(tokenset_id)} and "
+        f"{root.url}/{token_set_arrays_path(tokenset_id)} (the activations cached on it) to free their space."
+    )

@@ -7,14 +7,15 @@ determines its tokens, so a cache can tell whether it was built from the same to
 How a token set is made, one module per step:
 
 1. ``plan``: the spec is checked and sized; ``n_sequences`` is split between the sources by weight
-   and a seeded shuffle fixes which source gives each sequence; the last ``n_validation``
-   sequences are the validation split.
+   and seeded shuffles fix which source gives each sequence and which of its sequences, so the
+   last ``n_validation`` sequences (the validation split) are a random sample of every source.
 2. ``naming``: the sources are described (local files by content hash) and the id is the hash of
    the description, the sizes, the seed and the tokenizer's fingerprint.
 3. ``sources`` (with ``files`` and ``chat``): each source yields documents, str or list[int] for
    ``kind = "tokenized"``; conversations are rendered with the chat template.
-4. ``packing``: per source, documents + EOS are packed into ``[BOS] + context_length - 1`` token
-   sequences that never mix sources, and are interleaved in the plan's order.
+4. ``packing``: per source, documents + separator (the tokenizer's EOS unless the source names
+   another) are packed into ``[BOS] + context_length - 1`` token sequences that never mix
+   sources, staged in a scratch file and read back in the plan's order.
 """
 
 from pipeline.tokens.chat import Document

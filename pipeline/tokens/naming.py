@@ -11,12 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TokenSpec
+from pipeline.config import DEFAULT_SEPARATOR, TokenSpec
 from pipeline.records import canonical_hash, sha256_file
 from pipeline.tokens.errors import TokenSourceError, source_label
 from pipeline.tokens.files import expand_paths
 
-TOKEN_SET_FORMAT = 1  # bump when the packing / mixing rules change: it is part of the id
+# The packing and order rules' version: part of the id, and recorded as a token set's
+# `tokenset_format` (pipeline.store refuses others). Bump it when the rules change.
+# 1: each source's sequences in stream order. 2: shuffled within each source too.
+TOKEN_SET_FORMAT = 2
 
 
 def _hash_dir(path: str) -> list[list[str]]:
@@ -52,6 +55,8 @@ def describe_sources(spec: TokenSpec) -> list[dict]:
             "text_unit": src.text_unit if src.kind == "text" else None,
             "weight": float(src.weight),
         }
+        if src.separator != DEFAULT_SEPARATOR:  # only when set: other sources keep their description
+            d["separator"] = src.separator
         if src.kind in ("hf", "tokenized") and src.name:
             local = os.path.expanduser(src.name)
             if os.path.isdir(local):

@@ -2,9 +2,14 @@
 
 ``n_sequences = n_tokens // context_length`` is split between sources in proportion to their
 weights (largest remainder; every source with weight > 0 gets at least one sequence when there are
-enough). ``labels = np.repeat(arange(n_sources), counts)`` shuffled by
-``np.random.default_rng(seed)`` gives the final order: position i is the next sequence of source
-``labels[i]``. The LAST ``n_validation`` sequences are the validation split.
+enough). The order is shuffled twice, so that the validation split (the LAST ``n_validation``
+sequences) is a random sample of every source, not the end of its stream:
+
+- which source: ``labels = np.repeat(arange(n_sources), counts)`` shuffled by
+  ``np.random.default_rng(seed)``; position i comes from source ``labels[i]``;
+- which of its sequences: the r-th position of source s holds sequence ``perm_s[r]`` of that
+  source's stream (0 = its first ``context_length`` tokens), with
+  ``perm_s = np.random.default_rng([seed, 1, s]).permutation(counts[s])``.
 
 Everything here is decided before any document is read, so a bad spec fails at once.
 """
@@ -101,6 +106,17 @@ def source_order(counts: list[int], seed: int) -> np.ndarray:
     labels = np.repeat(np.arange(len(counts), dtype=np.uint8), counts)
     np.random.default_rng(seed).shuffle(labels)
     return labels
+
+
+def stream_order(labels: np.ndarray, counts: list[int], seed: int) -> np.ndarray:
+    """picks[i]: which sequence of source labels[i]'s stream (in stream order) is sequence i."""
+    picks = np.empty(len(labels), dtype=np.int64)
+    by_source = np.argsort(labels, kind="stable")  # each source's positions, in position order
+    start = 0
+    for s, c in enumerate(counts):
+        picks[by_source[start:start + c]] = np.random.default_rng([seed, 1, s]).permutation(c)
+        start += c
+    return picks
 
 
 def sizes(spec: TokenSpec) -> tuple[int, int, list[int]]:

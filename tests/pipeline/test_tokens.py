@@ -75,20 +75,32 @@ def tok_no_template(tok):
     return t
 
 
-def reference(docs, tok, context_length=L, bos=True):
-    """Direct computation of one source's packed sequences."""
+def reference(docs, tok, context_length=L, bos=True, sep="eos"):
+    """Direct computation of one source's packed sequences (sep: a token id, "eos" or None)."""
+    after = [] if sep is None else [tok.eos_token_id if sep == "eos" else sep]
     stream = []
     for d in docs:
         ids = d if isinstance(d, list) else tok(d, add_special_tokens=False)["input_ids"]
         if bos and ids and ids[0] == tok.bos_token_id:  # each sequence has one BOS, documents none
             ids = ids[1:]
-        stream += list(ids) + [tok.eos_token_id]
+        stream += list(ids) + after
     body = context_length - 1 if bos else context_length
     n = len(stream) // body
     head = [tok.bos_token_id] if bos else []
     return np.array([head + stream[k * body:(k + 1) * body] for k in range(n)], dtype=np.int32).reshape(
         n, context_length
     )
+
+
+def packed(spec, tok):
+    """build_token_set with every source's rows put back in its stream's order, by the rule
+    storage_layout.md gives: the r-th position of source s holds sequence perm_s[r] of its stream."""
+    tokens, source = build_token_set(spec, tok)
+    out = tokens.copy()
+    for s, count in enumerate(plan_token_set(spec).counts):
+        where = np.flatnonzero(source == s)
+        out[where[np.random.default_rng([spec.seed, 1, s]).permutation(count)]] = tokens[where]
+    return out, source
 
 
 def spec_of(*sources, n_tokens=None, context_length=L, validation_fraction=0.0, seed=0):
@@ -106,7 +118,7 @@ def jsonl_src(path, **kw):
 
 def test_packing_single_source_matches_direct_computation(corpus, tok):
     spec = spec_of(jsonl_src(corpus["jsonl"]), n_tokens=100 * L)
-    tokens, source = build_token_set(spec, tok)
+    tokens, source = packed(spec, tok)
     assert tokens.dtype == np.int32 and source.dtype == np.uint8
     assert tokens.shape == (100, L) and (source == 0).all()
     assert (tokens[:, 0] == tok.bos_token_id).all()
@@ -127,7 +139,7 @@ def test_packing_without_bos_uses_full_context(corpus, tok):
     t = copy.deepcopy(tok)
     t.bos_token = None
     assert t.bos_token_id is None
-    tokens, _ = build_token_set(spec_of(jsonl_src(corpus["jsonl"])), t)
+    tokens, _ = packed(spec_of(jsonl_src(corpus["jsonl"])), t)
     np.testing.assert_array_equal(tokens, reference(corpus["paragraphs"], tok, bos=False)[: len(tokens)])
 
 
@@ -138,6 +150,30 @@ def test_blocks_are_independent_of_block_size(corpus, tok):
     tokens, source = build_token_set(spec, tok)
     np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), tokens)
     np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), source)
+
+
+def test_a_source_names_its_own_separator(corpus, tok):
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert end not in (tok.eos_token_id, tok.unk_token_id, None)
+    tokens, _ = packed(spec_of(jsonl_src(corpus["jsonl"], separator="<|end|>")), tok)
+    np.testing.assert_array_equal(tokens, reference(corpus["paragraphs"], tok, sep=end)[:40])
+    assert (tokens == tok.eos_token_id).sum() == 0 and (tokens == end).sum() > 0
+    tokens, _ = packed(spec_of(jsonl_src(corpus["jsonl"], separator="none")), tok)
+    np.testing.assert_array_equal(tokens, reference(corpus["paragraphs"], tok, sep=None)[:40])
+    default = packed(spec_of(jsonl_src(corpus["jsonl"])), tok)[0]
+    np.testing.assert_array_equal(packed(spec_of(jsonl_src(corpus["jsonl"], separator="eos")), tok)[0], default)
+    with pytest.raises(TokenSourceError, match=r"tokens\.sources\[0\].*separator = '<\|nope\|>' is not one token"):
+        build_token_set(spec_of(jsonl_src(corpus["jsonl"], separator="<|nope|>")), tok)
+
+
+def test_the_separator_is_part_of_the_id_only_when_set(corpus):
+    src = jsonl_src(corpus["jsonl"])
+    plain = describe_sources(spec_of(src))[0]
+    assert "separator" not in plain  # every source without one keeps its description
+    assert describe_sources(spec_of(jsonl_src(corpus["jsonl"], separator="<|end|>")))[0]["separator"] == "<|end|>"
+    base = token_set_id(spec_of(src), "tok")
+    assert token_set_id(spec_of(jsonl_src(corpus["jsonl"], separator="none")), "tok") != base
+    assert token_set_id(spec_of(jsonl_src(corpus["jsonl"], separator="<|end|>")), "tok") != base
 
 
 # ----------------------------------------------------------------------------------------- mixing
@@ -157,7 +193,7 @@ def test_proportions_interleave_and_source_labels(corpus, tok):
     spec = spec_of(jsonl_src(corpus["jsonl"], weight=1), jsonl_src(corpus["other"], weight=3), n_tokens=40 * L)
     plan = plan_token_set(spec)
     assert plan.counts == [10, 30]
-    tokens, source = build_token_set(spec, tok)
+    tokens, source = packed(spec, tok)
     assert np.bincount(source, minlength=2).tolist() == [10, 30]
     assert not (np.diff(source.astype(int)) >= 0).all()  # interleaved, not all of source 0 first
     # each source's rows, in order, are exactly that source's own packed sequences
@@ -282,10 +318,10 @@ def test_id_of_saved_dataset_directory_survives_a_copy(corpus, tmp_path):
 def test_chat_rendering(corpus, tok):
     rendered = [tok.apply_chat_template(m, tokenize=False) for m in corpus["chats"]]
     spec = spec_of(jsonl_src(corpus["chat"]), n_tokens=20 * L)  # chat=auto, column -> "messages"
-    tokens, _ = build_token_set(spec, tok)
+    tokens, _ = packed(spec, tok)
     np.testing.assert_array_equal(tokens, reference(rendered, tok)[:20])
     assert "<|user|>" in tok.decode(tokens[0].tolist(), skip_special_tokens=False)
-    yes = build_token_set(spec_of(jsonl_src(corpus["chat"], chat="yes", column="messages"), n_tokens=20 * L), tok)
+    yes = packed(spec_of(jsonl_src(corpus["chat"], chat="yes", column="messages"), n_tokens=20 * L), tok)
     np.testing.assert_array_equal(yes[0], tokens)
 
 
@@ -321,10 +357,10 @@ def test_text_units(tmp_path, tok):
 def test_text_kind_end_to_end(corpus, tok):
     for unit in ("paragraph", "line"):  # prose.txt: one paragraph per line, blank lines between
         spec = spec_of(SourceSpec(kind="text", paths=[str(corpus["text"])], text_unit=unit))
-        tokens, _ = build_token_set(spec, tok)
+        tokens, _ = packed(spec, tok)
         np.testing.assert_array_equal(tokens, reference(corpus["paragraphs"], tok)[:40])
     spec = spec_of(SourceSpec(kind="text", paths=[str(corpus["text"])], text_unit="file"))
-    tokens, _ = build_token_set(spec, tok)
+    tokens, _ = packed(spec, tok)
     np.testing.assert_array_equal(tokens, reference([corpus["text"].read_text()], tok)[:40])
 
 
@@ -334,11 +370,11 @@ def test_parquet(corpus, tok, tmp_path):
 
     pq.write_table(pa.table({"id": list(range(len(corpus["paragraphs"]))), "text": corpus["paragraphs"]}),
                    tmp_path / "p.parquet", row_group_size=50)
-    tokens, _ = build_token_set(spec_of(SourceSpec(kind="parquet", paths=[str(tmp_path / "p.parquet")])), tok)
+    tokens, _ = packed(spec_of(SourceSpec(kind="parquet", paths=[str(tmp_path / "p.parquet")])), tok)
     np.testing.assert_array_equal(tokens, reference(corpus["paragraphs"], tok)[:40])
     # conversations stored as list<struct<role, content>> are detected and rendered
     pq.write_table(pa.table({"messages": corpus["chats"]}), tmp_path / "c.parquet")
-    tokens, _ = build_token_set(spec_of(SourceSpec(kind="parquet", paths=[str(tmp_path / "c.parquet")]),
+    tokens, _ = packed(spec_of(SourceSpec(kind="parquet", paths=[str(tmp_path / "c.parquet")]),
                                         n_tokens=10 * L), tok)
     rendered = [tok.apply_chat_template(m, tokenize=False) for m in corpus["chats"]]
     np.testing.assert_array_equal(tokens, reference(rendered, tok)[:10])
@@ -351,14 +387,14 @@ def test_hf_saved_dataset(corpus, tok, tmp_path):
 
     pars = corpus["paragraphs"]
     datasets.Dataset.from_dict({"text": pars}).save_to_disk(str(tmp_path / "ds"))
-    tokens, _ = build_token_set(spec_of(SourceSpec(kind="hf", name=str(tmp_path / "ds"))), tok)
+    tokens, _ = packed(spec_of(SourceSpec(kind="hf", name=str(tmp_path / "ds"))), tok)
     np.testing.assert_array_equal(tokens, reference(pars, tok)[:40])
 
     other = corpus["other_paragraphs"]
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": pars}),
                           "validation": datasets.Dataset.from_dict({"text": other})}).save_to_disk(
         str(tmp_path / "dd"))
-    tokens, _ = build_token_set(spec_of(SourceSpec(kind="hf", name=str(tmp_path / "dd"), split="validation")), tok)
+    tokens, _ = packed(spec_of(SourceSpec(kind="hf", name=str(tmp_path / "dd"), split="validation")), tok)
     np.testing.assert_array_equal(tokens, reference(other, tok)[:40])
     with pytest.raises(TokenSourceError, match="split 'test' not in"):
         build_token_set(spec_of(SourceSpec(kind="hf", name=str(tmp_path / "dd"), split="test")), tok)
@@ -368,12 +404,12 @@ def test_hf_directory_of_data_files(corpus, tok, tmp_path):
     d = tmp_path / "jdir"
     d.mkdir()
     shutil.copy(corpus["jsonl"], d / "part0.jsonl")
-    tokens, _ = build_token_set(spec_of(SourceSpec(kind="hf", name=str(d))), tok)
+    tokens, _ = packed(spec_of(SourceSpec(kind="hf", name=str(d))), tok)
     np.testing.assert_array_equal(tokens, reference(corpus["paragraphs"], tok)[:40])
     c = tmp_path / "cdir"
     c.mkdir()
     shutil.copy(corpus["chat"], c / "chats.jsonl")
-    tokens, _ = build_token_set(spec_of(SourceSpec(kind="hf", name=str(c)), n_tokens=10 * L), tok)
+    tokens, _ = packed(spec_of(SourceSpec(kind="hf", name=str(c)), n_tokens=10 * L), tok)
     assert "<|user|>" in tok.decode(tokens[0].tolist(), skip_special_tokens=False)
 
 
@@ -385,18 +421,18 @@ def test_tokenized(corpus, tok, tmp_path):
         for row in ids:
             f.write(json.dumps({"input_ids": row}) + "\n")
     expected = reference(corpus["paragraphs"], tok)[:40]
-    tokens, _ = build_token_set(spec_of(SourceSpec(kind="tokenized", paths=[str(tmp_path / "ids.jsonl")])), tok)
+    tokens, _ = packed(spec_of(SourceSpec(kind="tokenized", paths=[str(tmp_path / "ids.jsonl")])), tok)
     np.testing.assert_array_equal(tokens, expected)
 
     datasets.Dataset.from_dict({"input_ids": ids}).save_to_disk(str(tmp_path / "ids_ds"))
-    tokens, _ = build_token_set(spec_of(SourceSpec(kind="tokenized", name=str(tmp_path / "ids_ds"))), tok)
+    tokens, _ = packed(spec_of(SourceSpec(kind="tokenized", name=str(tmp_path / "ids_ds"))), tok)
     np.testing.assert_array_equal(tokens, expected)
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"toks": ids}), tmp_path / "ids.parquet")
-    tokens, _ = build_token_set(
+    tokens, _ = packed(
         spec_of(SourceSpec(kind="tokenized", paths=[str(tmp_path / "ids.parquet")], column="toks")), tok)
     np.testing.assert_array_equal(tokens, expected)
 
