@@ -20,9 +20,17 @@ pre-activations among the dead latents, decoded without b_dec, normalised by the
 
     aux = sum_{b,n,d} (e - e_hat)^2 / sum_{b,n,d} (e - mean_b e)^2,   e_hat = einsum(z, W_dec)
 
-where z keeps the top aux_k (default 2*k, capped at the number of dead latents) of relu(pre) over
-the dead latents per token. It is zero when no latent is dead (or aux_k = 0). The normalisation
-makes aux_coefficient (Gao et al.: 1/32) independent of the activation scale.
+where z keeps the top aux_k (default d_model/2, as Gao et al.; capped at the number of dead latents)
+of relu(pre) over the dead latents per token. It is zero when no latent is dead (or aux_k = 0). The
+normalisation makes aux_coefficient (Gao et al.: 1/32) independent of the activation scale.
+
+Decoder rows are held at unit norm (per model) by TopK and BatchTopK SAEs and by JumpReLU:
+`Dictionary.constrain_` after each step, `remove_parallel_grads_` before it. For JumpReLU this is
+what gives the threshold and the straight-through bandwidth a fixed unit: without it, scaling
+W_enc, b_enc and theta by c and W_dec by 1/c leaves the loss unchanged while the bandwidth, an
+absolute width, does not scale, so its width relative to the codes would drift. The L0 penalty
+counts codes, so the constraint leaves it (and l0_coefficient's meaning) unchanged; this is what
+Rajamanoharan et al. 2024 and dictionary_learning's JumpReLU trainer do.
 """
 
 from __future__ import annotations
@@ -113,9 +121,20 @@ class TopKDictionary(Dictionary):
         aux = self._aux_loss(pre, x, x_hat, dead_mask)
         return self.spec.aux_coefficient * aux, {"aux": aux}
 
+    @property
+    def aux_k(self) -> int:
+        """How many dead latents AuxK may use per token: the spec's, by default d_model / 2.
+
+        Gao et al.'s choice: about as many as the residual has directions to explain, so a dead
+        latent is revived whenever its pre-activation is among the larger half of that many
+        (2k, for d = 2048 and k = 32, would be 64 against 1024, and reaches few dead latents).
+        Capped at the number of dead latents where it is used; at least 1 (d_model = 1).
+        """
+        return max(1, self.d_model // 2) if self.spec.aux_k is None else self.spec.aux_k
+
     def _aux_loss(self, pre: Tensor, x: Tensor, x_hat: Tensor, dead_mask: Tensor | None) -> Tensor:
         zero = pre.new_zeros(())
-        aux_k = 2 * self._k(None) if self.spec.aux_k is None else self.spec.aux_k
+        aux_k = self.aux_k
         if dead_mask is None or aux_k == 0:
             return zero
         # the dead latents' columns only: the cost scales with how many are dead, not with the
@@ -131,28 +150,6 @@ class TopKDictionary(Dictionary):
         z = torch.zeros_like(dead_pre).scatter_(1, top.indices, top.values)
         e_hat = (z @ w_dec.reshape(dead.numel(), -1)).view_as(e)
         return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(EPS)
-
-    def constrain_(self) -> None:
-        if not self.unit_norm_decoder:
-            return
-        self._refuse_if_folded()
-        with torch.no_grad():
-            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS))
-
-    def remove_parallel_grads_(self) -> None:
-        """Radial gradient components would only be undone by `constrain_`; drop them first."""
-        if not self.unit_norm_decoder or self.W_dec.grad is None:
-            return
-        self._refuse_if_folded()
-        with torch.no_grad():
-            unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS)
-            grad = self.W_dec.grad
-            grad.sub_((grad * unit).sum(-1, keepdim=True) * unit)
-
-    def _refuse_if_folded(self) -> None:
-        if self.folded:
-            raise RuntimeError("a folded dictionary works on raw activations and is not trained; "
-                               "train the unfolded one and fold it afterwards")
 
 
 class BatchTopKDictionary(TopKDictionary):
@@ -249,11 +246,20 @@ class _StepFn(torch.autograd.Function):
 
 
 class JumpReLUDictionary(Dictionary):
-    """Per-latent learned thresholds and a direct L0 penalty (SAE only)."""
+    """Per-latent learned thresholds and a direct L0 penalty (SAE only), with unit-norm decoder rows.
+
+    The constraint pins the scale of the codes (a unit of f is a unit of reconstruction), so the
+    thresholds and `jumprelu_bandwidth` are in the normalized activations' units throughout
+    training, as in the reference trainers.
+    """
 
     architecture = "jumprelu"
     label = "JumpReLU"
     crosscoders = False
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return True
 
     def __init__(self, spec: DictionarySpec, n_models: int, d_model: int,
                  scales: list[float] | None = None) -> None:

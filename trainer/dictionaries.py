@@ -4,7 +4,7 @@ The one place that turns a `DictionarySpec` (or a saved config.json) into an ins
 architecture the registry names, so training, imports and evaluation all build dictionaries the
 same way. The layout lives in trainer/dictionary.py and the architectures in
 trainer/architectures.py; the layout's names that callers need beside these two functions
-(Dictionary, CONFIG_FILE, WEIGHTS_FILE, TENSOR_TERMS) are re-exported here.
+(Dictionary, CONFIG_FILE, WEIGHTS_FILE, ACTIVITY_FILE, TENSOR_TERMS) are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 
 from trainer.architectures import ARCHITECTURES, names, spoken
 from trainer.config import DictionarySpec
-from trainer.dictionary import CONFIG_FILE, TENSOR_TERMS, WEIGHTS_FILE, Dictionary
+from trainer.dictionary import ACTIVITY_FILE, CONFIG_FILE, TENSOR_TERMS, WEIGHTS_FILE, Dictionary
 
-__all__ = ["CONFIG_FILE", "TENSOR_TERMS", "WEIGHTS_FILE", "Dictionary", "build_dictionary", "load_dictionary"]
+__all__ = ["ACTIVITY_FILE", "CONFIG_FILE", "TENSOR_TERMS", "WEIGHTS_FILE", "Dictionary", "build_dictionary",
+           "load_dictionary"]
 
 
 def build_dictionary(spec: DictionarySpec, n_models: int, d_model: int,

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 WEIGHTS_FILE = "dictionary.safetensors"
 CONFIG_FILE = "config.json"
+# written beside them by the trainer: int64 `tokens_since_fired` [n_latents], its dead-latent counters
+ACTIVITY_FILE = "latent_activity.safetensors"
 # what `Dictionary.loss` returns beside its scalar terms (the trainer logs only the scalars)
 TENSOR_TERMS = ("f", "counts", "fired")
 EPS = 1e-12
@@ -102,7 +104,8 @@ class Dictionary(nn.Module):
 
     @property
     def unit_norm_decoder(self) -> bool:
-        """Whether decoder rows are held at unit norm (then codes are directly comparable)."""
+        """Whether decoder rows are held at unit norm per model (then codes are directly comparable,
+        and `constrain_` / `remove_parallel_grads_` keep them there); they start there either way."""
         return False
 
     def _activate(self, pre: Tensor, k: int | None) -> Tensor:
@@ -189,13 +192,32 @@ class Dictionary(nn.Module):
                      "counts": counts, "fired": counts > 0, "f": f.detach()}
         return loss, terms
 
-    # ---------------------------------------------------------------- constraints (default: none)
+    # ---------------------------------------------------------------- the unit-norm constraint
 
     def constrain_(self) -> None:
-        """Call after each optimizer step; restores the decoder constraint, if any."""
+        """Call after each optimizer step: puts every decoder row (per model) back at unit norm
+        when the architecture holds them there (`unit_norm_decoder`); otherwise does nothing."""
+        if not self.unit_norm_decoder:
+            return
+        self._refuse_if_folded()
+        with torch.no_grad():
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS))
 
     def remove_parallel_grads_(self) -> None:
-        """Call before each optimizer step; keeps the step tangent to the constraint, if any."""
+        """Call before each optimizer step: radial gradient components would only be undone by
+        `constrain_`, and Adam would still count them in its moments, so they are dropped first."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        self._refuse_if_folded()
+        with torch.no_grad():
+            unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS)
+            grad = self.W_dec.grad
+            grad.sub_((grad * unit).sum(-1, keepdim=True) * unit)
+
+    def _refuse_if_folded(self) -> None:
+        if self.folded:
+            raise RuntimeError("a folded dictionary works on raw activations and is not trained; "
+                               "train the unfolded one and fold it afterwards")
 
     def set_threshold_(self, threshold: Tensor | float | None) -> None:
         """Take an imported dictionary's inference threshold(s); architectures without one ignore it."""

@@ -7,28 +7,31 @@ therefore reads the data once, not six times.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pipeline import experiment as E
 from pipeline import models as M
 from pipeline import store as S
 from pipeline.config_files import dump_config
+from pipeline.records import atomic_write
 from pipeline.store import is_no_space
 from pipeline.typed_config import ConfigError
 from trainer.config import DictionarySpec, TrainSpec
 from trainer.config import TrainExperiment as ExperimentConfig
 
 from . import checkpoint as ckpt
+from . import resample as R
 from .architectures import ARCHITECTURES
-from .dictionaries import TENSOR_TERMS, Dictionary, build_dictionary
+from .dictionaries import ACTIVITY_FILE, TENSOR_TERMS, Dictionary, build_dictionary
 from .loader import ActivationLoader
-from .resample import resample_dead_
 from .schedules import k_at, lr_factor, ramp
 
 
@@ -120,16 +123,39 @@ def train_step(m: Member, x: torch.Tensor, step: int, train: TrainSpec) -> None:
         fired = terms["fired"]
         m.tokens_since_fired += x.shape[0]
         m.tokens_since_fired.masked_fill_(fired, 0)  # boolean indexing would sync a GPU
-        every = m.spec.resample_dead_every
-        if every and (step + 1) % every == 0:
-            resample_dead_(m.model, m.opt, m.dead_mask(train.dead_after_tokens), x,
-                           seed=(m.spec.seed, step))
-            m.tokens_since_fired.masked_fill_(m.dead_mask(train.dead_after_tokens), 0)
     # summed as device tensors: a .item() per term per step would stall a GPU every step
     for name, value in terms.items():
         if name not in TENSOR_TERMS:
             m.sums[name] = m.sums.get(name, 0.0) + value
     m.n_summed += 1
+
+
+def resample_due(members: list[Member], step: int, train: TrainSpec, arrays, ts, device,
+                 progress: bool = True) -> dict[str, int]:
+    """After step `step`: resample the dead latents of the members whose `resample_dead_every`
+    falls due (trainer/resample.py), from one pass over a sample of the training split that all
+    of them share. The sample comes from a loader of its own, seeded by the step, so the training
+    batches are untouched and a resumed run resamples identically. Returns name -> latents resampled."""
+    due, owners = [], []
+    for m in members:
+        every = m.spec.resample_dead_every
+        if not every or (step + 1) % every:
+            continue
+        dead = m.dead_mask(train.dead_after_tokens)
+        if bool(dead.any()):
+            gen = torch.Generator().manual_seed(R.derived_seed("resample-pick", m.spec.seed, step))
+            due.append(R.Due(m.model, m.opt, dead, m.spec.resample_sample_tokens, gen))
+            owners.append(m)
+    if not due:
+        return {}
+    tokens = max(d.sample_tokens for d in due)
+    sample = dataclasses.replace(train, seed=R.derived_seed("resample-sample", train.seed, step),
+                                 buffer_tokens=min(train.buffer_tokens, tokens))
+    with make_loader(arrays, ts, sample, "train", device) as loader:
+        resampled = R.resample(due, iter(loader), limit=loader.rows_per_epoch, progress=progress)
+    for m, idx in zip(owners, resampled):
+        m.tokens_since_fired[idx] = 0
+    return {m.spec.name: idx.numel() for m, idx in zip(owners, resampled)}
 
 
 @torch.no_grad()
@@ -194,6 +220,13 @@ class _MetricsLog:
         if self.wandb is not None:
             self.wandb.log({f"{record['dictionary']}/{k}": v for k, v in record.items()
                             if isinstance(v, (int, float))}, step=record["step"])
+
+
+def save_activity(directory: Path, tokens_since_fired: torch.Tensor) -> None:
+    """The dead-latent counters beside the saved dictionary (ACTIVITY_FILE), so an evaluation can
+    tell latents dead by the training definition (silent for dead_after_tokens) from the others."""
+    tensors = {"tokens_since_fired": tokens_since_fired.detach().to("cpu", torch.int64).contiguous()}
+    atomic_write(directory / ACTIVITY_FILE, lambda p: save_file(tensors, str(p)))
 
 
 @contextmanager
@@ -290,6 +323,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, log=print, progress: 
         x = next(batches).float()
         for m in members:
             train_step(m, x, step, train)
+        resample_due(members, step, train, arrays, ts, device, progress)
         done = step + 1
         bar.update(1)
         if done % train.log_every == 0 or done == train.steps:
@@ -324,6 +358,7 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, log=print, progress: 
             m.model.save(out / m.spec.name, {**meta, "name": m.spec.name, "steps": train.steps,
                                              "dead_latents": n_dead,
                                              "final_metrics": final.get(m.spec.name, {})})
+            save_activity(out / m.spec.name, m.tokens_since_fired)
         log(f"  {m.spec.name}: saved to {out / m.spec.name}  "
             + "  ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in final.get(m.spec.name, {}).items()
                         if "/" not in k.removeprefix("val/")))

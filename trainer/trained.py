@@ -6,6 +6,12 @@ consumer (splicing, the model-diff analyses, the demo's finding, exports) opens 
 gets the same checks: that the experiment config names that store, those models and that token
 set, that the arrays still belong to the token set and hook, and that their scales have not
 changed since training (a re-created array with another scale would silently shift every input).
+
+A latent is *dead* in the training sense when it has not fired for `train.dead_after_tokens`
+tokens. The trainer leaves each latent's count of tokens since it last fired in
+LATENT_ACTIVITY_FILE beside the weights; `dead_mask` reads it. Folders without it (older runs,
+imported dictionaries) have no mask: their dead latents are unknown, and nothing here guesses
+them from other tokens (latents silent on a few evaluation tokens are another, looser count).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from pipeline import experiment as E
 from pipeline import store as S
@@ -24,9 +31,11 @@ from pipeline.config import HookSpec
 from pipeline.locations import is_remote, local_path
 from trainer.config import TrainExperiment
 from trainer.dictionaries import CONFIG_FILE, Dictionary, load_dictionary
+from trainer.dictionary import ACTIVITY_FILE
 
 # what `mdiff train` records about the data a dictionary was trained on
 REQUIRED_META = ("models", "arrays", "scales", "hook", "tokenset_id", "store")
+LATENT_ACTIVITY_FILE = ACTIVITY_FILE  # beside the weights: int64 `tokens_since_fired` [n_latents]
 
 
 class TrainedDictionaryError(ValueError):
@@ -57,6 +66,45 @@ class TrainedDictionary:
     @property
     def include_first_position(self) -> bool:
         return bool((self.meta.get("train") or {}).get("include_first_position", False))
+
+    @property
+    def dead_after_tokens(self) -> int | None:
+        """The training run's `dead_after_tokens` (None for folders without a [train] record)."""
+        value = (self.meta.get("train") or {}).get("dead_after_tokens")
+        return None if value is None else int(value)
+
+    def dead_mask(self) -> torch.Tensor | None:
+        """[n_latents] bool: latents silent for at least `dead_after_tokens` training tokens when
+        training ended, or None when the folder does not record it (then dead latents are unknown)."""
+        return read_dead_mask(self.directory, self.dead_after_tokens, self.dictionary.n_latents)
+
+    @property
+    def dead_latents(self) -> int | None:
+        """How many latents are dead in the training sense; None when unknown. From the mask, else
+        from the count the trainer wrote into config.json."""
+        mask = self.dead_mask()
+        if mask is not None:
+            return int(mask.sum())
+        count = self.meta.get("dead_latents") if "train" in self.meta else None
+        return None if count is None else int(count)
+
+
+def read_dead_mask(dict_dir: str | os.PathLike, dead_after_tokens: int | None,
+                   n_latents: int) -> torch.Tensor | None:
+    """`tokens_since_fired >= dead_after_tokens` from the folder's LATENT_ACTIVITY_FILE; None when
+    the file or the threshold is missing. A file of the wrong shape or dtype is an error."""
+    path = Path(dict_dir) / LATENT_ACTIVITY_FILE
+    if dead_after_tokens is None or not path.is_file():
+        return None
+    tensors = load_file(str(path))
+    since = tensors.get("tokens_since_fired")
+    if since is None or since.dtype != torch.int64 or tuple(since.shape) != (n_latents,):
+        found = "no tokens_since_fired" if since is None else f"{since.dtype} {tuple(since.shape)}"
+        raise TrainedDictionaryError(
+            f"{path} holds {found}; expected int64 tokens_since_fired [{n_latents}] (one count per "
+            "latent, written by mdiff train): delete the file to treat dead latents as unknown, or "
+            "retrain")
+    return since >= int(dead_after_tokens)
 
 
 def read_trained_meta(dict_dir: str | os.PathLike) -> dict:

@@ -147,7 +147,7 @@ def peer_trainer(arch, d, latents, k, lr, seed, aux_every_step=False, l1=1.0):
     tr = cls(**cfg)
     if aux_every_step:
         tr.dead_feature_threshold = 0  # every latent counts as dead: AuxK runs every step
-        tr.top_k_aux = 2 * k  # ours uses aux_k = 2k; theirs defaults to d_model // 2
+        tr.top_k_aux = 2 * k  # both default to d_model // 2; set explicitly to 2k (= d_model // 2 here)
     return tr
 
 

@@ -24,7 +24,8 @@ TRAIN_KW = {
     "relu": {"l1_coefficient": 0.03},
     "topk": {"k": 4},
     "batchtopk": {"k": 4},
-    "jumprelu": {"l0_coefficient": 0.003, "jumprelu_threshold_init": 0.1, "jumprelu_bandwidth": 0.1},
+    # unit-norm decoders: codes are in the inputs' units, where pre-activations of a matching atom are ~0.5-1.5
+    "jumprelu": {"l0_coefficient": 0.03, "jumprelu_threshold_init": 0.1, "jumprelu_bandwidth": 0.1},
 }
 
 
@@ -167,7 +168,7 @@ def _random_x(n_models=1, batch=BATCH, seed=3):
 
 @pytest.mark.parametrize("arch,n_models,norm", [("relu", 1, 0.1), ("relu", 2, 0.1), ("topk", 1, 1.0),
                                                 ("batchtopk", 1, 1.0), ("batchtopk", 2, 0.1),
-                                                ("jumprelu", 1, 0.1)])
+                                                ("jumprelu", 1, 1.0)])
 def test_init(arch, n_models, norm):
     rng = torch.get_rng_state()
     model = build_dictionary(_spec(arch, seed=7), n_models, D_MODEL)
@@ -289,18 +290,28 @@ def test_batchtopk_train_and_eval():
     assert torch.equal(f_batch, pre * (pre > threshold))
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
 def test_sae_decoder_rows_stay_unit_norm(arch):
+    """JumpReLU too: without the constraint its loss is invariant to rescaling f, W_dec and the
+    thresholds, while the straight-through bandwidth is an absolute width."""
     model = build_dictionary(_spec(arch), 1, D_MODEL)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # big steps: without the fix, norms drift
+    torch.testing.assert_close(model.decoder_norms(), torch.ones(N_LATENTS, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)  # without the fix, even these steps move norms
     for seed in range(3):
         loss, _ = model.loss(_random_x(seed=seed) + 1.0)
         opt.zero_grad()
         loss.backward()
-        grad_norm = model.W_dec.grad.norm()
+        raw = model.W_dec.grad.clone()
+        assert (raw * model.W_dec).sum(-1).abs().max() > 1e-3 * raw.norm()  # there was a radial part
         model.remove_parallel_grads_()
-        radial = (model.W_dec.grad * model.W_dec).sum(-1)
-        assert radial.abs().max() < 1e-6 * grad_norm
+        grad = model.W_dec.grad
+        unit = model.W_dec / model.W_dec.norm(dim=-1, keepdim=True)
+        radial = (grad * unit).sum(-1)
+        assert radial.abs().max() < 1e-6 * raw.norm()
+        # what was removed is exactly the radial component (brute force, row by row)
+        for j in range(0, N_LATENTS, 17):
+            r, u = raw[j, 0], unit[j, 0]
+            torch.testing.assert_close(grad[j, 0], r - (r @ u) * u, rtol=0, atol=1e-5 * float(r.norm()))
         opt.step()
         model.constrain_()
         torch.testing.assert_close(model.decoder_norms(), torch.ones(N_LATENTS, 1))
@@ -346,7 +357,7 @@ def test_auxk(arch, n_models):
     assert model.loss(x)[1]["aux"] == 0  # no mask: nothing is known to be dead
 
     one_dead = none_dead.clone()
-    one_dead[int(never_active.nonzero()[0])] = True  # aux_k (2k = 4) is capped at 1 dead latent
+    one_dead[int(never_active.nonzero()[0])] = True  # aux_k (d_model / 2 = 16) is capped at 1 dead latent
     assert torch.isfinite(model.loss(x, dead_mask=one_dead)[1]["aux"])
     off = build_dictionary(_spec(arch, k=2, aux_k=0), n_models, D_MODEL)
     assert off.loss(x, dead_mask=all_dead)[1]["aux"] == 0

@@ -14,8 +14,11 @@ from mdiff.tiny import build_fixture, write_config
 from mdiff.tiny import train_section as tiny_train_section
 from pipeline import store as S
 from pipeline.cache import run_cache
+from trainer import checkpoint as ckpt
 from trainer import train as T
-from trainer.dictionaries import load_dictionary
+from trainer.dictionaries import Dictionary, load_dictionary
+
+ACTIVITY_FILE = "latent_activity.safetensors"  # the name trainer.trained reads
 
 
 def train_section(models, dictionaries, steps=60, checkpoint_every=20, batch=256):
@@ -60,7 +63,8 @@ def test_lockstep_sweep_of_saes_trains_and_saves(cached):
         meta = json.loads((out / name / "config.json").read_text())
         assert meta["n_models"] == 1 and meta["models"] == ["llama-s0"]
         assert meta["tokenset_id"].startswith("ts-") and len(meta["scales"]) == 1
-        assert sorted(p.suffix for p in (out / name).iterdir()) == [".json", ".safetensors"]
+        assert sorted(p.name for p in (out / name).iterdir()) == [
+            "config.json", "dictionary.safetensors", "latent_activity.safetensors"]
         train_lines = [r for r in records(out, name) if "fvu" in r]
         assert train_lines[-1]["fvu"] < 0.8 * train_lines[0]["fvu"], name
         assert "val/fvu" in records(out, name)[-1]
@@ -72,6 +76,43 @@ def test_lockstep_sweep_of_saes_trains_and_saves(cached):
     # the k schedule moved from 16 to 4
     ks = [r["k"] for r in records(out, "topk") if "k" in r]
     assert ks[0] > ks[-1] == 4
+    # JumpReLU kept its decoder rows at unit norm through training
+    torch.testing.assert_close(load_dictionary(out / "jump").decoder_norms(), torch.ones(64, 1))
+
+
+def test_latent_activity_is_saved_with_each_dictionary(cached, monkeypatch):
+    """tokens_since_fired beside the weights: the trainer's own counters after the last step, from
+    which the dead latents recorded in config.json and the log follow."""
+    cfg = load_config(config_with(cached, "activity", train_section(["llama-s0"], [BTK, RELU, JUMP], steps=30,
+                                                                    checkpoint_every=30)))
+    fired = {}  # per dictionary: the last step each latent fired at, replayed from the loss terms
+    real_loss = Dictionary.loss
+
+    def loss(self, x, **kwargs):
+        out = real_loss(self, x, **kwargs)
+        if self.training:
+            last = fired.setdefault(self.spec.name, torch.full((self.n_latents,), -1))
+            step = fired.setdefault(self.spec.name + "/steps", [0])
+            last[out[1]["fired"]] = step[0]
+            step[0] += 1
+        return out
+
+    monkeypatch.setattr(Dictionary, "loss", loss)
+    report = T.run_train(cfg, log=lambda *a: None, progress=False)
+    out, batch, steps = report.out_dir, cfg.train.batch_size, cfg.train.steps
+    checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
+    for name in ("btk", "relu", "jump"):
+        saved = load_file(str(out / name / ACTIVITY_FILE))
+        assert list(saved) == ["tokens_since_fired"]
+        counters = saved["tokens_since_fired"]
+        assert counters.dtype == torch.int64 and counters.shape == (load_dictionary(out / name).n_latents,)
+        assert torch.equal(counters, ckpt.load_part(checkpoint, name)[0]["counters"]["tokens_since_fired"])
+        if name != "relu":  # (relu resamples, which restarts counters: the replay would not know)
+            expected = (steps - 1 - fired[name]) * batch
+            assert torch.equal(counters, expected), name
+        dead = int((counters >= cfg.train.dead_after_tokens).sum())
+        assert json.loads((out / name / "config.json").read_text())["dead_latents"] == dead
+        assert [r for r in records(out, name) if "dead" in r][-1]["dead"] == dead
 
 
 def test_three_model_crosscoders_train(cached):
@@ -109,10 +150,11 @@ def test_resume_is_bit_identical(cached, monkeypatch):
     resumed = T.run_train(cfg, resume=True, log=lambda *a: None, progress=False)
     assert resumed.resumed_from == 45
     for name in ("btk", "relu"):
-        a = load_file(str(full.out_dir / name / "dictionary.safetensors"))
-        b = load_file(str(resumed.out_dir / name / "dictionary.safetensors"))
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+        for file in ("dictionary.safetensors", ACTIVITY_FILE):
+            a = load_file(str(full.out_dir / name / file))
+            b = load_file(str(resumed.out_dir / name / file))
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a), (name, file)
     assert [r for r in map(json.loads, (full.out_dir / "metrics.jsonl").read_text().splitlines())] == \
            [r for r in map(json.loads, (resumed.out_dir / "metrics.jsonl").read_text().splitlines())]
 
@@ -125,14 +167,17 @@ def test_resume_after_the_last_checkpoint_with_a_torn_log_line(cached):
     log_file = full.out_dir / "metrics.jsonl"
     complete = log_file.read_text()
     saved = {n: (full.out_dir / n / "config.json").read_text() for n in ("btk", "topk")}
+    activity = {n: (full.out_dir / n / ACTIVITY_FILE).read_bytes() for n in saved}
     for n in saved:
         (full.out_dir / n / "config.json").unlink()
+        (full.out_dir / n / ACTIVITY_FILE).unlink()
     log_file.write_text(complete[: len(complete) - 40])  # the last validation line, torn
     resumed = T.run_train(cfg, resume=True, log=lambda *a: None, progress=False)
     assert resumed.resumed_from == 20
     assert log_file.read_text() == complete
     for n, text in saved.items():
         assert json.loads((full.out_dir / n / "config.json").read_text()) == json.loads(text)
+        assert (full.out_dir / n / ACTIVITY_FILE).read_bytes() == activity[n]
 
 
 def test_folded_dictionary_works_on_raw_activations(cached):
