@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 CONFIG ?= runs/smoke/experiment.toml
 STAMP := $(VENV)/.mdiff-installed
 
-.PHONY: setup cache train eval report all demo smoke status verify toy test bench clean
+.PHONY: setup cache train eval report all demo smoke status verify toy test bench browse saebench clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,15 @@ report: setup
 	$(BIN)/mdiff report $(CONFIG)
 
 all: cache train eval report
+
+# The latent browser of each dictionary: <eval dir>/<dictionary>/browser/index.html, opens from disk.
+# More options: mdiff browse --help (e.g. BROWSE_ARGS="--rows 200000 --neuronpedia").
+browse: setup
+	$(BIN)/mdiff browse $(CONFIG) $(BROWSE_ARGS)
+
+# SAEBench-class evaluations (core, absorption, sparse probing) of every SAE of an experiment, offline.
+saebench: setup
+	$(BIN)/mdiff saebench $(CONFIG)
 
 status: setup
 	$(BIN)/mdiff status $(CONFIG)
@@ -65,7 +74,9 @@ toy: setup
 
 # Lint and the one-way import contracts (pipeline <- trainer <- evals <- mdiff) first, then the
 # suite on two workers, one test file each at a time (module fixtures are built once per file).
+# The latent browser is tested in headless Chromium: installed here when missing (Debian, as root).
 test: setup
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadfile
@@ -79,6 +90,8 @@ bench: setup
 	$(BIN)/python -m benchmarks.bench_cache --out BENCHMARKS.md
 	$(BIN)/python -m benchmarks.bench_loader
 	$(BIN)/python -m benchmarks.bench_eval
+	$(BIN)/python -m benchmarks.bench_browser --out BENCHMARKS.md
+	$(BIN)/python -m benchmarks.bench_saebench --out BENCHMARKS.md
 	bash benchmarks/peer_env.sh
 	.venv-peers/bin/python -m benchmarks.check_saelens_format
 	.venv-peers/bin/python -m benchmarks.check_dictionary_learning_format

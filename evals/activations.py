@@ -2,8 +2,9 @@
 
 The dictionary is applied (eval mode) to the models' normalized activations at the same
 validation tokens. An SAE trained on model A is applied to each model separately (one column per
-model: base vs chat, checkpoint vs checkpoint); a crosscoder to the joint input (one column,
-"joint"). The pass gathers two things at once, so the store is read once:
+model: base vs chat, checkpoint vs checkpoint), each in the units the caller chooses (`factors`
+of `store_batches`; evals/diff.py feeds other models in A's units); a crosscoder to the joint
+input (one column, "joint"). The pass gathers two things at once, so the store is read once:
 
 - activation statistics, per latent and column: firing frequency, mean over all tokens, mean over
   the tokens where it fires; optionally per token class (evals/token_classes.py);
@@ -215,10 +216,15 @@ def activation_stats(dictionary, activations: Mapping[str, Tensor], *, token_ids
 
 
 def store_batches(arrays: Sequence[S.ActivationArray], tokens: np.ndarray, first_row: int, *,
-                  batch_rows: int, include_first_position: bool = False,
-                  progress: bool = False) -> Iterator[Batch]:
+                  batch_rows: int, include_first_position: bool = False, progress: bool = False,
+                  factors: Sequence[float] | None = None) -> Iterator[Batch]:
     """Batches of the same rows of every array: the sequences `tokens` [n_seq, ctx] that start at
-    store row `first_row`. Rows in the batches are relative to that block."""
+    store row `first_row`. Rows in the batches are relative to that block. `factors` (one per
+    array, default 1) multiply the stored rows: a dictionary of model A reads model B's rows in A's
+    units with s_A / s_B (evals/diff.py)."""
+    factors = [1.0] * len(arrays) if factors is None else [float(f) for f in factors]
+    if len(factors) != len(arrays):
+        raise ValueError(f"{len(factors)} factors for {len(arrays)} arrays")
     n_seq, ctx = tokens.shape
     n = n_seq * ctx
     flat = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1))
@@ -230,6 +236,7 @@ def store_batches(arrays: Sequence[S.ActivationArray], tokens: np.ndarray, first
         hi = min(lo + batch_rows, n)
         rows = torch.arange(lo, hi)
         xs = [S.read_rows(a, first_row + lo, first_row + hi).float() for a in arrays]
+        xs = [x if f == 1.0 else x * f for x, f in zip(xs, factors)]
         if not include_first_position:
             keep = rows % ctx != 0
             rows, xs = rows[keep], [x[keep] for x in xs]

@@ -30,7 +30,7 @@ table{border-collapse:collapse;margin:6px 0}td,th{padding:2px 10px 2px 0;text-al
 nav a{margin-right:14px}.note{color:#555}
 details.latent{border:1px solid #ddd;border-radius:6px;margin:10px 0;padding:6px 10px}
 details.latent>summary{cursor:pointer;font-weight:600}
-.cls{font-weight:400;color:#555;margin-left:8px}
+.cls{font-weight:400;color:#555;margin-left:8px}a.browse{font-weight:400;margin-left:10px;font-size:13px}
 ol.snippets{margin:6px 0;padding-left:28px}
 li.snippet{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px;
            white-space:pre-wrap;word-break:break-all;margin:2px 0}
@@ -134,12 +134,15 @@ def svg_histogram(counts: Sequence[int], edges: Sequence[float], *, title: str =
     out.append(f'<line class="axis" x1="{left}" y1="{base}" x2="{left + pw}" y2="{base}"/>')
     out.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{base}"/>')
     step = _nice_step(x1 - x0, 5)
-    t = math.ceil(x0 / step - 1e-9) * step
-    while t <= x1 + 1e-9 * max(1.0, abs(x1)):
+    k0 = math.ceil(x0 / step - 1e-9)
+    for k in range(k0, k0 + 1000):
+        t = k * step  # from the tick's index, not summed steps: no -5.55e-17 for 0
+        if t > x1 + 1e-9 * max(1.0, abs(x1)):
+            break
+        t = 0.0 if abs(t) < 1e-9 * step else t
         x = sx(t)
         out.append(f'<line class="axis" x1="{x:.2f}" y1="{base}" x2="{x:.2f}" y2="{base + 4}"/>'
                    f'<text class="tick" x="{x:.2f}" y="{base + 16}" text-anchor="middle">{fmt(t, 3)}</text>')
-        t += step
     if log_y:  # 0 at the axis, then 1-2-5 steps (1, 10, 100... once they would crowd)
         steps = (1, 2, 5) if cmax < 1000 else (1,)
         yticks = [0] + [m * 10 ** e for e in range(int(math.log10(max(cmax, 1))) + 1)
@@ -236,8 +239,10 @@ def _snippet_html(s: Snippet) -> str:
             f'<span class="ctx">{right}</span></li>')
 
 
-def _card_html(card: LatentCard, open_: bool) -> str:
+def _card_html(card: LatentCard, open_: bool, browser: str | None = None) -> str:
     head = f' \u00b7 {esc(card.headline)}' if card.headline else ""
+    if browser:
+        head += f' <a class="browse" href="{esc(browser)}/latent.html#{card.latent}">browse \u2192</a>'
     facts = table([(k, v) for k, v in card.facts], css="facts") if card.facts else ""
     if card.snippets:
         snippets = '<ol class="snippets">' + "".join(_snippet_html(s) for s in card.snippets) + "</ol>"
@@ -250,10 +255,15 @@ def _card_html(card: LatentCard, open_: bool) -> str:
 
 def render_latent_page(title: str, summary: Sequence[tuple[str, object]], groups: Sequence[LatentGroup],
                        *, figures: Sequence[str] = (), counts: dict[str, int] | None = None,
-                       open_cards: int = 5) -> str:
+                       open_cards: int = 5, browser: str | None = None) -> str:
     """The whole page as a string: summary table, class counts, figures (inline SVG), then one
-    section per group with a collapsible card per latent (the first `open_cards` expanded)."""
+    section per group with a collapsible card per latent (the first `open_cards` expanded).
+    `browser`: the latent browser's folder relative to the page (evals/browser), linked from the
+    top and from every card."""
     body = ['<section id="summary">', table(summary, css="summary")]
+    if browser:
+        body.insert(0, f'<p class="note"><a href="{esc(browser)}/index.html">Every latent in the latent browser '
+                       f'\u2192</a></p>')
     if counts:
         body.append("<h3>Latents per class</h3>")
         body.append(table(sorted(counts.items(), key=lambda kv: -kv[1]), header=("class", "latents"),
@@ -269,7 +279,7 @@ def render_latent_page(title: str, summary: Sequence[tuple[str, object]], groups
         body.append(f'<section class="group" id="group-{i}"><h2>{esc(g.title)}</h2>')
         if g.note:
             body.append(f'<p class="note">{esc(g.note)}</p>')
-        body.extend(_card_html(c, j < open_cards) for j, c in enumerate(g.cards))
+        body.extend(_card_html(c, j < open_cards, browser) for j, c in enumerate(g.cards))
         if not g.cards:
             body.append('<p class="empty">no latents</p>')
         body.append("</section>")

@@ -18,7 +18,7 @@ from pipeline.records import atomic_write_text
 
 from . import latent_page as P
 from .activations import ActivationStats
-from .decoder_norms import DEAD, SHARED, NormAnalysis, only
+from .decoder_norms import DELTA, FORMULAS, SHARED, NormAnalysis, R, only
 
 
 def figure(n_rows: int = 1, n_cols: int = 1, size=(7.0, 3.6)):
@@ -35,11 +35,17 @@ def figure(n_rows: int = 1, n_cols: int = 1, size=(7.0, 3.6)):
 def _norm_marks(a: NormAnalysis) -> list[tuple[float, str]]:
     t = a.thresholds
     if a.n_models == 2:
-        return [(t["specific_below"], f"{only(a.model_names[0])} below"),
-                (t["shared_band"][0], "shared from"), (t["shared_band"][1], "shared to"),
-                (t["specific_above"], f"{only(a.model_names[1])} above")]
+        c = a.convention
+        return [(t["specific_below"], f"{only(a.model_names[0])}: {c} below"),
+                (t["shared_band"][0], f"shared: {c} from"), (t["shared_band"][1], f"shared: {c} to"),
+                (t["specific_above"], f"{only(a.model_names[1])}: {c} above")]
     return [(t["shared_min_share"], "shared: every share above"),
             (t["specific_above"], "specific above")]
+
+
+def norm_axis_label(convention: str, a_name: str = "A", b_name: str = "B") -> str:
+    """The axis label of one relative-norm convention, with the models' names in the formula."""
+    return FORMULAS[convention].replace("d_A", f"d_{a_name}").replace("d_B", f"d_{b_name}")
 
 
 def _hist_png(ax, values: np.ndarray, edges: np.ndarray, *, title: str, xlabel: str, log_y: bool,
@@ -70,17 +76,24 @@ class _Panel:
 
 
 def _norm_panels(a: NormAnalysis, bins: int, head: str) -> list[_Panel]:
-    """Two models: r with the class regions; more: one share histogram per model. Dead left out."""
-    alive = a.classes != DEAD
+    """Two models: the classes' relative norm with the class regions, then the other convention's;
+    more: one share histogram per model. Dead latents left out, and counted in the title."""
+    alive = ~a.dead
     edges = np.linspace(0.0, 1.0, bins + 1)
+    left_out = f"{int(a.dead.sum())} dead left out"
     if a.n_models == 2:
-        (na, nb), t = a.model_names, a.thresholds
+        (na, nb), t, c = a.model_names, a.thresholds, a.convention
         spans = [(0, t["specific_below"], "#d62728", only(na)),
                  (t["shared_band"][0], t["shared_band"][1], "#2ca02c", SHARED),
                  (t["specific_above"], 1, "#9467bd", only(nb))]
-        return [_Panel(a.relative[alive], edges, f"{head}relative decoder norms ({int(alive.sum())} latents)",
-                       f"relative decoder norm |d_{nb}| / (|d_{na}| + |d_{nb}|)", _norm_marks(a), spans)]
-    return [_Panel(a.shares[alive, i], edges, f"{head}decoder norm share of {name}",
+        other = DELTA if c == R else R
+        return [_Panel(a.values(c)[alive], edges,
+                       f"{head}relative decoder norm {c}, classes ({int(alive.sum())} latents, {left_out})",
+                       norm_axis_label(c, na, nb), _norm_marks(a), spans),
+                _Panel(a.values(other)[alive], edges,
+                       f"{head}relative decoder norm {other}, for comparison ({int(alive.sum())} latents)",
+                       norm_axis_label(other, na, nb))]
+    return [_Panel(a.shares[alive, i], edges, f"{head}decoder norm share of {name} ({left_out})",
                    f"|d_{name}| / sum of decoder norms", _norm_marks(a)) for i, name in enumerate(a.model_names)]
 
 
@@ -104,7 +117,7 @@ def norm_svgs(a: NormAnalysis, *, log_y: bool = False, cosine_log_y: bool = True
     histogram as inline SVG with hover tooltips."""
     head = f"{title}: " if title else ""
     panels = _norm_panels(a, bins, head)
-    height = 300 if len(panels) == 1 else 230
+    height = 300 if len(panels) == 1 else 250
     return [_svg(p, log_y, height) for p in panels] + [_svg(_cosine_panel(a, bins, head), cosine_log_y)]
 
 
@@ -112,8 +125,9 @@ def write_norm_plots(a: NormAnalysis, out_dir: str | Path, *, log_y: bool = Fals
                      cosine_log_y: bool = True, title: str = "") -> dict[str, Path]:
     """relative_norms.png, shared_cosine.png and relative_norms.html (the same histograms as SVG).
 
-    Two models: the histogram of r with the class thresholds marked and the class regions shaded.
-    More models: one histogram of the shares per model. Dead latents are left out of both.
+    Two models: the histogram of the classes' relative norm (`[eval] relative_norm`: r or delta)
+    with the class thresholds marked and the class regions shaded, then the other convention's
+    histogram. More models: one histogram of the shares per model. Dead latents are left out.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +148,8 @@ def write_norm_plots(a: NormAnalysis, out_dir: str | Path, *, log_y: bool = Fals
     svgs = norm_svgs(a, log_y=log_y, cosine_log_y=cosine_log_y, bins=bins, title=title)
     body = (P.table(list(a.counts.items()), header=("class", "latents"), css="counts")
             + "".join(f"<figure>{s}</figure>" for s in svgs)
-            + '<p class="note">Hover a bar for its bin and count. Thresholds: '
+            + '<p class="note">Hover a bar for its bin and count. Dead latents (' + P.esc(a.dead_definition)
+            + ") are left out of the histograms and the other classes. Thresholds: "
             + P.esc(json.dumps(a.thresholds)) + "</p>")
     atomic_write_text(paths["relative_norms_html"], P.html_document(f"{head}decoder norms", body))
     return paths

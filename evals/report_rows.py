@@ -1,9 +1,16 @@
 """The report's rows: every dictionary's ``splice.json`` collected and aggregated over seeds.
 
 Input (written by ``mdiff eval``): one file per evaluated dictionary at
-``<eval_dir>/<dictionary name>/splice.json``. Runs that differ only in their seed (and name) form a
-group; each group becomes one Row with the mean and the sample standard deviation (ddof=1) over its
-seeds. A group with a single seed has std nan. evals/report_tables.py formats the rows.
+``<eval_dir>/<dictionary name>/splice.json``, and the conventions its model-diff analysis used
+from ``diff.json`` beside it when there is one. Runs that differ only in their seed (and name) form
+a group; each group becomes one Row with the mean and the sample standard deviation (ddof=1) over
+its seeds. A group with a single seed has std nan. evals/report_tables.py formats the rows.
+
+Two counts of inactive latents are kept apart: ``dead_latents`` (the training definition, silent
+for ``dead_after_tokens`` training tokens; nan = unknown, for dictionaries that do not record it)
+and ``silent_on_eval`` (never fired on the evaluated tokens). splice.json files written before the
+two were separated hold only ``dead_latents``, which then meant the second: they are read as
+``silent_on_eval`` with ``dead_latents`` unknown.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "CONVENTIONS",
     "GLOBAL_METRICS",
     "PER_MODEL_METRICS",
     "SPLICE_FILE",
@@ -34,7 +42,10 @@ SPLICE_FILE = "splice.json"
 
 # Aggregated metrics. Global ones come from record["metrics"][name]; per-model ones from
 # record["metrics"]["per_model"][model][name] and are named f"{name}_{letter}" (A = 1st model, ...).
-GLOBAL_METRICS = ("l0", "dead_latents", "explained_variance")
+GLOBAL_METRICS = ("l0", "l1", "dead_latents", "silent_on_eval", "frac_alive", "explained_variance")
+# how each row was measured, from splice.json and diff.json: key -> the values of its members
+CONVENTIONS = ("silent_on_eval_tokens", "transfer_units", "class_convention")
+DIFF_FILE = "diff.json"
 PER_MODEL_METRICS = ("ce_diff", "ce_loss_score", "kl_div_with_sae", "explained_variance")
 
 # Order of dictionary types in the tables.
@@ -75,6 +86,7 @@ def collect(eval_dirs: list[Path]) -> list[dict]:
                 continue
             seen.add(real)
             records.append(_load(path))
+            records[-1]["_conventions"] = _conventions(path.parent / DIFF_FILE)
     if not records:
         where = ", ".join(f"{d}" + ("" if d.is_dir() else " (does not exist)") for d in dirs) or "(no directories given)"
         raise FileNotFoundError(
@@ -102,6 +114,22 @@ def _load(path: Path) -> dict:
     return rec
 
 
+def _conventions(diff_path: Path) -> dict[str, str]:
+    """From the model-diff summary beside a splice.json: the units an SAE was run on other models
+    in and the relative-norm convention of the crosscoder classes (absent where they do not apply)."""
+    out = {}
+    if diff_path.is_file():
+        try:
+            diff = json.loads(diff_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{diff_path}: cannot read the model-diff summary: {e}") from e
+        if diff.get("compared_with") and diff.get("transfer_units"):
+            out["transfer_units"] = str(diff["transfer_units"])
+        if diff.get("class_convention"):
+            out["class_convention"] = str(diff["class_convention"])
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class Row:
     """One group of runs that differ only in seed: means and sample stds over the seeds.
@@ -120,6 +148,7 @@ class Row:
     seeds: tuple[int | None, ...]
     spec: dict = field(default_factory=dict)  # shared DictionarySpec fields (without name and seed)
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    conventions: dict[str, str] = field(default_factory=dict)  # CONVENTIONS key -> its values, ";"-joined
 
     @property
     def n_seeds(self) -> int:
@@ -178,6 +207,9 @@ def _label(name: str) -> str:
 def _values(rec: dict, metric: str, model: str | None) -> float:
     metrics = rec["metrics"]
     if model is None:
+        if "silent_on_eval" not in metrics and metric in ("dead_latents", "silent_on_eval"):
+            # written before the two counts were separated: its dead_latents counted silent latents
+            return math.nan if metric == "dead_latents" else _float(metrics.get("dead_latents"))
         return _float(metrics.get(metric))
     per = (metrics.get("per_model") or {}).get(model) or {}
     v = _float(per.get(metric))
@@ -196,6 +228,23 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def arch_rank(arch: str) -> tuple[int, str]:
     """Sort key of a dictionary type: relu, topk, batchtopk, jumprelu, then any other by name."""
     return (_ARCH_ORDER.index(arch), "") if arch in _ARCH_ORDER else (len(_ARCH_ORDER), arch)
+
+
+def _convention(rec: dict, key: str) -> str | None:
+    if key == "silent_on_eval_tokens":
+        tokens = rec["metrics"].get(key)
+        return None if tokens is None else str(tokens)
+    return rec.get("_conventions", {}).get(key)
+
+
+def _joined_conventions(members: list[dict]) -> dict[str, str]:
+    out = {}
+    for key in CONVENTIONS:
+        values = dict.fromkeys(_convention(m, key) for m in members)
+        values.pop(None, None)
+        if values:
+            out[key] = ";".join(values)
+    return out
 
 
 def aggregate(records: Iterable[dict]) -> list[Row]:
@@ -241,6 +290,7 @@ def aggregate(records: Iterable[dict]) -> list[Row]:
                 seeds=seeds,
                 spec=json.loads(spec_json),
                 stats=stats,
+                conventions=_joined_conventions(members),
             )
         )
     rows.sort(

@@ -3,7 +3,8 @@
 ``report.csv`` holds every aggregated metric, mean and std in separate columns; ``report.md`` a
 readable table (also printed on the terminal); ``report.tex`` a booktabs table in the layout of
 the usual crosscoder statistics table. A missing value or the std of a single seed shows as "–"
-in Markdown and "--" in LaTeX.
+in Markdown and "--" in LaTeX; an unknown training dead count as "unknown" (Markdown) and "?"
+(LaTeX). The captions say what "dead" and "silent" count and which conventions the rows used.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from pipeline.records import atomic_write_text
 
-from .report_rows import GLOBAL_METRICS, PER_MODEL_METRICS, Row, arch_rank, model_letter
+from .report_rows import CONVENTIONS, GLOBAL_METRICS, PER_MODEL_METRICS, Row, arch_rank, model_letter
 
 __all__ = [
     "csv_columns",
@@ -29,6 +30,19 @@ __all__ = [
 
 MD_MISSING = "–"  # en dash: no std (single seed), no value, no such model
 TEX_MISSING = "--"
+MD_UNKNOWN, TEX_UNKNOWN = "unknown", "?"  # a training dead count the dictionary does not record
+
+DEAD_NOTE = ("dead: latents silent for dead_after_tokens training tokens when training ended (the "
+             "trainer's count; unknown where the dictionary does not record it); silent: latents that "
+             "never fired on the evaluated tokens (silent_on_eval_tokens in report.csv: far fewer tokens, "
+             "so rare latents count as silent)")
+_CONVENTION_NOTES = {
+    "transfer_units": ("SAEs run on other models were fed their activations in {} units "
+                       "(source: the SAE's model's, stored rows x s_A / s_B; stored: each model's own)"),
+    "class_convention": ("Crosscoder latent classes by relative decoder norm {} (r = |d_B| / (|d_A| + |d_B|), "
+                         "Anthropic / Kissane et al.; delta = 1/2 ((|d_B| - |d_A|) / max + 1), Minder et al.; "
+                         "dead latents left out)"),
+}
 
 # Display names of dictionary types in LaTeX.
 _ARCH_LATEX = {"relu": r"ReLU ($\ell_1$)", "topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU"}
@@ -43,6 +57,7 @@ def csv_columns(rows: Sequence[Row]) -> list[str]:
     letters = [model_letter(i) for i in range(_max_models(rows))]
     cols = ["experiment", "comparison", "hook", "architecture", "dictionary", "n_seeds", "seeds", "dictionaries"]
     cols += [f"model_{x}" for x in letters]
+    cols += list(CONVENTIONS)
     metrics = list(GLOBAL_METRICS) + [f"{m}_{x}" for m in PER_MODEL_METRICS for x in letters]
     for m in metrics:
         cols += [f"{m}_mean", f"{m}_std"]
@@ -75,6 +90,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
         }
         for x, model in zip(r.letters, r.models):
             line[f"model_{x}"] = model
+        line.update(r.conventions)
         for metric, (mean, std) in r.stats.items():
             line[f"{metric}_mean"] = _csv_num(mean)
             line[f"{metric}_std"] = _csv_num(std)
@@ -87,6 +103,22 @@ def _pm(mean: float, std: float, fmt: str, missing: str, pm: str) -> str:
     if math.isnan(mean):
         return missing
     return f"{mean:{fmt}}{pm}{missing if math.isnan(std) else format(std, fmt)}"
+
+
+def _dead(r: Row, fmt: str, missing: str, unknown: str, pm: str) -> str:
+    """The training dead count; `unknown` when no member of the row records it."""
+    mean = r.mean("dead_latents")
+    return unknown if math.isnan(mean) else _pm(mean, r.std("dead_latents"), fmt, missing, pm)
+
+
+def conventions_note(rows: Sequence[Row]) -> str:
+    """One sentence per convention the rows used (transfer units, relative-norm classes), "" if none."""
+    notes = []
+    for key, text in _CONVENTION_NOTES.items():
+        used = sorted({v for r in rows for v in r.conventions.get(key, "").split(";") if v})
+        if used:
+            notes.append(text.format(" / ".join(used)) + ".")
+    return " ".join(notes)
 
 
 def _display_labels(rows: Sequence[Row]) -> list[str]:
@@ -110,10 +142,12 @@ def _md_cell(s: str) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """The Markdown table (also for the terminal): experiment | comparison | dictionary | L0 | dead |
-    ΔCE A | ΔCE B | ΔCE C | seeds, cells "mean ± std" (L0 2 decimals, dead 1, ΔCE 3)."""
+    silent | ΔCE A | ΔCE B | ΔCE C | seeds, cells "mean ± std" (L0 2 decimals, dead and silent 1,
+    ΔCE 3); dead is "unknown" where the dictionaries do not record it."""
     letters = [model_letter(i) for i in range(max(3, _max_models(rows)))]
-    head = ["experiment", "comparison", "dictionary", "L0", "dead"] + [f"ΔCE {x}" for x in letters] + ["seeds"]
-    align = ["---", "---", "---", "---:", "---:"] + ["---:"] * len(letters) + ["---:"]
+    head = ["experiment", "comparison", "dictionary", "L0", "dead", "silent"] + [f"ΔCE {x}" for x in letters]
+    head += ["seeds"]
+    align = ["---", "---", "---", "---:", "---:", "---:"] + ["---:"] * len(letters) + ["---:"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
     for r, label in zip(rows, _display_labels(rows)):
         cells = [
@@ -121,7 +155,8 @@ def format_table(rows: Sequence[Row]) -> str:
             r.comparison,
             label,
             _pm(r.mean("l0"), r.std("l0"), ".2f", MD_MISSING, " ± "),
-            _pm(r.mean("dead_latents"), r.std("dead_latents"), ".1f", MD_MISSING, " ± "),
+            _dead(r, ".1f", MD_MISSING, MD_UNKNOWN, " ± "),
+            _pm(r.mean("silent_on_eval"), r.std("silent_on_eval"), ".1f", MD_MISSING, " ± "),
         ]
         for x in letters:
             m = f"ce_diff_{x}"
@@ -138,10 +173,11 @@ def write_markdown(rows: Sequence[Row], path: Path) -> Path:
         "# Dictionary statistics\n\n"
         + format_table(rows)
         + "\nMean ± sample standard deviation over seeds (– : single seed, or no such model). "
-        "L0: active latents per token; dead: latents that never fired; ΔCE A/B/C: increase in "
+        f"L0: active latents per token; {DEAD_NOTE}; ΔCE A/B/C: increase in "
         "cross-entropy loss when the reconstruction is spliced into the 1st/2nd/3rd model of the "
-        "comparison. Every aggregated metric (explained variance, CE-loss score, KL) is in report.csv.\n"
-    )
+        "comparison. Every aggregated metric (explained variance, CE-loss score, KL, l1, frac_alive) is "
+        "in report.csv. " + conventions_note(rows)
+    ).rstrip() + "\n"
     atomic_write_text(path, text)
     return path
 
@@ -169,18 +205,19 @@ def _tex_comparison(models: Sequence[str]) -> str:
 
 
 def write_latex(rows: Sequence[Row], path: Path) -> Path:
-    """A booktabs table: Model | Comparison | L0 | Dead | ΔCE A | ΔCE B | ΔCE C.
+    """A booktabs table: Model | Comparison | L0 | Dead | Silent | ΔCE A | ΔCE B | ΔCE C.
 
     Grouped by dictionary type (a title row, then its rows; \\midrule between types). Model is the
     experiment (plus the hook where an experiment has several), written only on the first row of its
-    block. Cells: ``mean $\\pm$ std`` (2 decimals; dead latents as integers); ``--`` where there is
-    no value (ΔCE C of a 2-model comparison) and as the std of a single seed. Needs only booktabs.
+    block. Cells: ``mean $\\pm$ std`` (2 decimals; dead and silent latents as integers; ``?`` for
+    an unknown dead count); ``--`` where there is no value (ΔCE C of a 2-model comparison) and as
+    the std of a single seed. Needs only booktabs.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n_ce = max(3, _max_models(rows))
     letters = [model_letter(i) for i in range(n_ce)]
-    n_cols = 4 + n_ce
+    n_cols = 5 + n_ce
     pad = " &" * (n_cols - 1)
 
     hooks_per_exp: dict[str, set[str]] = {}
@@ -213,7 +250,8 @@ def write_latex(rows: Sequence[Row], path: Path) -> Path:
                 model_cell(r) if block != prev_block else "",
                 comp,
                 _pm(r.mean("l0"), r.std("l0"), ".2f", TEX_MISSING, r" $\pm$ "),
-                _pm(r.mean("dead_latents"), r.std("dead_latents"), ".0f", TEX_MISSING, r" $\pm$ "),
+                _dead(r, ".0f", TEX_MISSING, TEX_UNKNOWN, r" $\pm$ "),
+                _pm(r.mean("silent_on_eval"), r.std("silent_on_eval"), ".0f", TEX_MISSING, r" $\pm$ "),
             ]
             for x in letters:
                 m = f"ce_diff_{x}"
@@ -232,13 +270,16 @@ def write_latex(rows: Sequence[Row], path: Path) -> Path:
             r"  \centering",
             rf"  \begin{{tabular}}{{ll{'c' * (n_cols - 2)}}}",
             r"    \toprule",
-            rf"    \textbf{{Model}} & \textbf{{Comparison}} & \textbf{{$\ell_0$}} & \textbf{{Dead}} & {ce_head} \\",
+            (rf"    \textbf{{Model}} & \textbf{{Comparison}} & \textbf{{$\ell_0$}} & \textbf{{Dead}} & "
+             rf"\textbf{{Silent}} & {ce_head} \\"),
             r"    \midrule",
             *body,
             r"    \bottomrule",
             r"  \end{tabular}",
             (rf"  \caption{{\textbf{{Dictionary statistics.}} Mean $\pm$ sample standard deviation over {over}. "
-            rf"$\ell_0$: active latents per token; Dead: latents that never fired. $\Delta$CE is the increase in "
+            rf"$\ell_0$: active latents per token; Dead: latents silent for the last dead\_after\_tokens training "
+            rf"tokens (?: not recorded); Silent: latents that never fired on the evaluated tokens. "
+            rf"{latex_escape(conventions_note(rows))} $\Delta$CE is the increase in "
             rf"cross-entropy loss when the dictionary's reconstruction replaces the activation; {which} refer to "
             rf"the 1st, 2nd, 3rd model of the comparison. --: not applicable (a single seed has no std).}}"),
             r"  \label{tab:dictionary-stats}",

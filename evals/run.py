@@ -13,7 +13,10 @@ from pipeline import models as M
 from pipeline.records import atomic_write_text
 from pipeline.typed_config import ConfigError
 
+from .browser import build_browser
 from .diff import analyse_dictionary
+from .diff_lens import run_difference_lens
+from .latent_scaling import run_latent_scaling
 from .splice import evaluate_dictionary
 
 
@@ -54,12 +57,26 @@ def run_eval(cfg: ExperimentConfig, progress: bool = True, log=print,
                                      batch_size=ev.batch_size, device=device, out_dir=out / name,
                                      progress=progress, models_cache=models_cache)
         diff = analyse_dictionary(dict_dir, cfg, ev, out / name, tokenizer,
-                                  n_sequences=ev.n_sequences, device=device, progress=progress)
+                                  n_sequences=ev.n_sequences, device=device, progress=progress, log=log)
         results[name] = {"splice": splice, "diff": diff}
-        per_model = splice["metrics"]["per_model"]
-        log(f"  {name}: L0 {splice['metrics']['l0']:.1f}, dead {splice['metrics']['dead_latents']}, "
+        if ev.latent_scaling is not None and len(diff["models"]) > 1:
+            results[name]["latent_scaling"] = run_latent_scaling(dict_dir, cfg, ev.latent_scaling, out / name,
+                                                                 progress=progress, log=log)
+        results[name]["browser"] = build_browser(dict_dir, cfg, ev, out / name, spec=ev.browser, tokenizer=tokenizer,
+                                                 device=device, progress=progress, models_cache=models_cache,
+                                                 log=log)
+        m = splice["metrics"]
+        per_model = m["per_model"]
+        dead = "unknown" if m["dead_latents"] is None else m["dead_latents"]
+        log(f"  {name}: L0 {m['l0']:.1f}, dead in training {dead}, silent on eval "
+            f"{m['silent_on_eval']} (on {m['silent_on_eval_tokens']} tokens), "
             + ", ".join(f"{m}: ΔCE {v['ce_diff']:.4f} CE recovered {v['ce_loss_score']:.3f} "
                         f"EV {v['explained_variance']:.3f}" for m, v in per_model.items()))
-    atomic_write_text(out / "index.json", json.dumps({"experiment": cfg.name, "dictionaries": names}, indent=1))
+    lens = None
+    if ev.diff_lens is not None:
+        lens = run_difference_lens(cfg, ev.diff_lens, out / "diff_lens", progress=progress, log=log)
+    atomic_write_text(out / "index.json", json.dumps({
+        "experiment": cfg.name, "dictionaries": names,
+        "diff_lens": "diff_lens/diff_lens.json" if lens is not None else None}, indent=1))
     log(f"evaluations in {out}")
     return results

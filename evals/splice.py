@@ -53,13 +53,27 @@ Reconstruction, on the evaluated tokens (positions >= 1), in normalized units:
     cossim             = mean cos(x, x_hat);  l2_norm_in / l2_norm_out = mean ||x|| / ||x_hat||
     l2_ratio           = mean ||x_hat|| / ||x||                             (shrinkage below 1)
     store_rel_error    = sqrt(sum ||h * scale - x||^2 / sum ||x||^2): the live clean activation
-                         against the stored one (storage rounding, or another compute dtype);
-                         above 0.25 the store does not hold these models' activations: an error
+                         against the stored one. bfloat16 storage alone gives 0.2-0.4%, another
+                         compute dtype (bfloat16 vs float32) about 1%; adjacent fine-tuning
+                         checkpoints differ by more. Above STORE_MISMATCH_LIMIT (5%) on the first
+                         batch the store does not hold these models' activations: an error
 
 Joint over the models: explained_variance (sums over all models) and mse (sum over models and
-dimensions, as the trainer's mse). Dictionary: l0 (mean latents active per token), dead_latents
-(latents never active on the evaluated tokens), n_latents. Every mean is a ratio of sums over all
-batches, never a mean of batch means.
+dimensions, as the trainer's mse). Dictionary, with f the codes (joint for a crosscoder):
+
+    l0                 = mean over tokens of #{j : f_j > 0}
+    l1                 = mean over tokens of sum_j |f_j|   (SAEBench / SAELens `l1`)
+    frac_alive         = fraction of latents with f_j > 0 on at least one evaluated token
+                         (SAEBench `frac_alive`)
+    silent_on_eval     = latents with f_j = 0 on every evaluated token (= n_latents * (1 -
+                         frac_alive)), measured on silent_on_eval_tokens tokens: a few thousand
+                         tokens leave rare latents silent, so this is not the training count
+    dead_latents       = latents dead by the training definition: silent for dead_after_tokens
+                         training tokens when training ended (trainer.trained); null, with
+                         dead_latents_definition "unknown: ...", when the folder does not record it
+    n_latents
+
+Every mean is a ratio of sums over all batches, never a mean of batch means.
 
 This module drives the evaluation (`evaluate_dictionary`) and writes `splice.json`; the variants'
 edits, forwards and losses are `evals.variants`, the reconstruction statistics
@@ -94,7 +108,7 @@ from pipeline import models as M
 from pipeline import store as S
 from pipeline.records import atomic_write_text, strict_json
 from trainer.dictionaries import Dictionary
-from trainer.trained import check_model_identity, open_trained
+from trainer.trained import TrainedDictionary, check_model_identity, open_trained
 
 __all__ = [
     "SPLICE_FILE", "STORE_MISMATCH_LIMIT", "VARIANTS", "ReconstructionStats", "Splice", "SpliceError",
@@ -103,7 +117,7 @@ __all__ = [
 ]
 
 SPLICE_FILE = "splice.json"
-STORE_MISMATCH_LIMIT = 0.25  # store_rel_error above this: the stored rows are not these activations
+STORE_MISMATCH_LIMIT = 0.05  # store_rel_error above this: the stored rows are not these activations
 _CODE_ELEMENTS = 1 << 26  # dictionary codes materialised at once (256 MiB)
 
 
@@ -160,17 +174,29 @@ def _mean_over_tokens(arrays, seqs: range, ctx: int, batch_size: int) -> Tensor:
 
 
 @torch.no_grad()
-def _encode_decode(dictionary: Dictionary, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """x_hat [N, n, d], active-count sum (0-d), fired mask [n_latents]; codes in token chunks."""
+def _encode_decode(dictionary: Dictionary, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x_hat [N, n, d], active-count sum (0-d), sum of |f| (0-d, float64), fired mask [n_latents];
+    codes in token chunks."""
     step = max(1, _CODE_ELEMENTS // dictionary.n_latents)
     x_hat, active, fired = [], torch.zeros((), dtype=torch.long, device=x.device), None
+    abs_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     for lo in range(0, x.shape[0], step):
         f = dictionary.encode(x[lo:lo + step])
         x_hat.append(dictionary.decode(f))
         on = f > 0
         active += on.sum()
+        abs_sum += f.abs().sum(dtype=torch.float64)
         fired = on.any(0) if fired is None else fired | on.any(0)
-    return torch.cat(x_hat), active, fired
+    return torch.cat(x_hat), active, abs_sum, fired
+
+
+def dead_definition(trained: TrainedDictionary) -> str:
+    """What splice.json's `dead_latents` counts, or why it is unknown."""
+    if trained.dead_latents is None:
+        return ("unknown: the dictionary folder records no training activity (an older run or an "
+                "imported dictionary); silent_on_eval counts latents silent on the evaluated tokens")
+    return (f"silent for >= {trained.dead_after_tokens} training tokens when training ended "
+            "(train.dead_after_tokens)")
 
 
 def _ratio(a: float, b: float) -> float:
@@ -228,7 +254,8 @@ def evaluate_dictionary(dict_dir: str | os.PathLike, cfg: ExperimentConfig, *,
         losses = [torch.zeros(2, len(VARIANTS), dtype=torch.float64) for _ in names]
         n_pred = 0
         store_err = [[0.0, 0.0] for _ in names]
-        active_sum, fired = 0.0, torch.zeros(dictionary.n_latents, dtype=torch.bool, device=target)
+        active_sum, abs_sum = 0.0, 0.0
+        fired = torch.zeros(dictionary.n_latents, dtype=torch.bool, device=target)
 
         batches = range(seqs.start, seqs.stop, batch_size)
         bar = tqdm(batches, unit="batch", disable=not progress, dynamic_ncols=True,
@@ -239,8 +266,9 @@ def evaluate_dictionary(dict_dir: str | os.PathLike, cfg: ExperimentConfig, *,
             ids = torch.from_numpy(ts.tokens[lo:hi]).long()
             x = _read_batch(arrays, lo * ctx, hi * ctx).view(b, ctx, len(names), -1)[:, 1:]
             x = x.reshape(b * (ctx - 1), len(names), -1).to(target)
-            x_hat, active, batch_fired = _encode_decode(dictionary, x)
+            x_hat, active, batch_abs, batch_fired = _encode_decode(dictionary, x)
             active_sum += float(active)
+            abs_sum += float(batch_abs)
             fired |= batch_fired
             joint.update(x, x_hat, mean_norm)
             for i, (name, lm, s) in enumerate(zip(names, lms, scales)):
@@ -270,8 +298,11 @@ def evaluate_dictionary(dict_dir: str | os.PathLike, cfg: ExperimentConfig, *,
                     if not rel <= STORE_MISMATCH_LIMIT:
                         raise SpliceError(
                             f"model {name!r}: its live activations at {hook.label} differ from the "
-                            f"stored ones by {rel:.1%} of their norm ({arrays[i].path}): the store "
-                            "does not hold this model's activations of these tokens")
+                            f"stored ones by {rel:.1%} of their norm, above the {STORE_MISMATCH_LIMIT:.0%} "
+                            f"that storage rounding or another compute dtype can explain "
+                            f"({arrays[i].path}): the store does not hold this model's activations of "
+                            "these tokens; check that the config's model (path, repo, revision) is the "
+                            "checkpoint that was cached, or cache this one")
             n_pred += vl.count
         bar.close()
 
@@ -310,7 +341,12 @@ def evaluate_dictionary(dict_dir: str | os.PathLike, cfg: ExperimentConfig, *,
             "explained_variance": joint.explained_variance(),
             "mse": joint.sq_err / max(joint.n, 1),
             "l0": active_sum / n_tokens,
-            "dead_latents": int((~fired).sum()),
+            "l1": abs_sum / n_tokens,
+            "frac_alive": float(fired.sum()) / dictionary.n_latents,
+            "dead_latents": trained.dead_latents,
+            "dead_latents_definition": dead_definition(trained),
+            "silent_on_eval": int((~fired).sum()),
+            "silent_on_eval_tokens": n_tokens,
             "n_latents": dictionary.n_latents,
             "n_tokens": n_tokens,
             "n_predictions": n_pred,

@@ -87,6 +87,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_browse(args) -> int:
+    from mdiff.browse import browse, export_latent
+    from mdiff.config import load_config
+
+    cfg = load_config(args.config)
+    if args.export_latent is not None:
+        path = export_latent(cfg, args.name, args.export_latent, dict_dirs=args.dictionary, out=args.out)
+        print(f"latent {args.export_latent}: {path}")
+        return 0
+    options = {k: v for k, v in (("rows", args.rows), ("top_k", args.top_k), ("bands", args.bands)) if v is not None}
+    options.update(logit_effects=not args.no_logits, neuronpedia=args.neuronpedia)
+    browse(cfg, options=options, dict_dirs=args.dictionary, out=args.out, progress=not args.no_progress)
+    return 0
+
+
 def _floats(text: str | None) -> list[float] | None:
     try:
         return None if text is None else [float(v) for v in text.split(",")]
@@ -291,6 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
+    b = sub.add_parser("browse", help="the latent browser: every latent's examples, statistics and model diff "
+                       "as pages that open from disk")
+    b.add_argument("config", help="experiment config with [train] (and optionally [eval])")
+    b.add_argument("--dictionary", action="append", metavar="DIR",
+                   help="this dictionary folder instead of [train]'s; repeatable")
+    b.add_argument("--out", help="evaluation folder (default: the one mdiff eval writes to)")
+    b.add_argument("--rows", type=int, help="validation tokens scanned at most (default 1000000)")
+    b.add_argument("--top-k", type=int, help="top activations per latent (default 12)")
+    b.add_argument("--bands", type=int, help="activation bands sampled below the top (default 5)")
+    b.add_argument("--no-logits", action="store_true", help="no logit effects (reads no model weights)")
+    b.add_argument("--neuronpedia", action="store_true", help="also write Neuronpedia (SAEDashboard) batch files")
+    b.add_argument("--export-latent", type=int, metavar="ID",
+                   help="do not build: write latent ID of a built browser as JSON")
+    b.add_argument("--name", help="with --export-latent: which dictionary (default: the only one)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_browse)
+
     i = sub.add_parser("import-dictionary", help="a SAELens / dictionary_learning / crosscoder "
                        "dictionary, re-expressed for the experiment's stored arrays")
     i.add_argument("config", help="experiment config whose store holds the models' activations")
@@ -360,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="study spec (TOML); default: the reference toy setting")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_toy)
+
+    from mdiff import saebench as saebench_app
+    saebench_app.add_parser(sub)
 
     return p
 

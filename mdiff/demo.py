@@ -46,7 +46,8 @@ SOURCES = ("kjv", "austen")  # token-set source 0 and 1, in the order `experimen
 # the dictionaries each experiment trains (name -> [[train.dictionaries]] keys besides n_latents):
 # two crosscoders on both models, a BatchTopK SAE on the base model
 BATCHTOPK_K32 = {"architecture": "batchtopk", "k": 32}
-L1 = {"architecture": "relu", "l1_coefficient": 1.0, "l1_warmup_steps": 100, "resample_dead_every": 250}
+L1 = {"architecture": "relu", "l1_coefficient": 1.0, "l1_warmup_steps": 100, "resample_dead_every": 250,
+      "resample_sample_tokens": 16384}
 CROSSCODERS = {"batchtopk-k32": BATCHTOPK_K32, "l1": L1}
 SAE = {"sae-batchtopk-k32": BATCHTOPK_K32}
 
@@ -209,7 +210,9 @@ def source_checks(config: Path, log=print) -> list:
     checks = []
     for spec in cfg.train.dictionaries:
         trained = open_trained(Path(cfg.train.out_dir) / spec.name, cfg)
-        analysis = decoder_norm_analysis(trained.dictionary.W_dec, trained.models, cfg.eval)
+        # latents dead in training are left out: their untrained decoders would sit in "shared"
+        analysis = decoder_norm_analysis(trained.dictionary.W_dec, trained.models, cfg.eval,
+                                         dead=trained.dead_mask(), dead_definition="dead in training")
         fa, fb, tokens = validation_frequencies(trained.dictionary, trained.arrays, trained.token_set, 0, 1)
         checks.append(check_source_preference(analysis, trained.models.index(TUNED), fa, fb,
                                               sources=SOURCES, tokens=tokens, dictionary=spec.name))

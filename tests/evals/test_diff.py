@@ -164,7 +164,7 @@ def test_norm_plots_png_and_html(tmp_path):
     assert paths["relative_norms_png"].read_bytes()[:8] == PNG_MAGIC
     assert paths["shared_cosine_png"].read_bytes()[:8] == PNG_MAGIC
     page = parse_html(paths["relative_norms_html"])
-    assert page.tags["svg"] == 2 and "script" not in page.tags
+    assert page.tags["svg"] == 3 and "script" not in page.tags  # r (classes), delta, cosines
     text = "".join(page.text)
     for cls in a.counts:  # the class-count table
         assert cls in text
@@ -349,7 +349,8 @@ SPEC = EvalSpec(n_sequences=12, top_latents=6, contexts_per_latent=3, context_to
 
 
 def _validation_codes(cfg, dict_dir, models):
-    """Brute force: every scanned row's codes per column, its token ids, and the row offset."""
+    """Brute force: every scanned row's codes per column, its token ids, and the row offset. An SAE
+    sees every other model in its own model's units: stored rows x s_A / s_B."""
     meta = json.loads((dict_dir / "config.json").read_text())
     d = load_dictionary(dict_dir).eval()
     root = S.StoreRoot(cfg.store)
@@ -357,7 +358,10 @@ def _validation_codes(cfg, dict_dir, models):
     first, ctx = ts.n_train_sequences, ts.context_length
     n = min(SPEC.n_sequences, ts.n_sequences - first)
     tokens = np.asarray(ts.tokens[first:first + n]).reshape(-1)
-    xs = [S.read_rows(S.open_activation_array(root, p), first * ctx, (first + n) * ctx).float() for p in models]
+    arrays = [S.open_activation_array(root, p) for p in models]
+    xs = [S.read_rows(a, first * ctx, (first + n) * ctx).float() for a in arrays]
+    if d.n_models == 1:
+        xs = [x * (meta["scales"][0] / a.scale) for x, a in zip(xs, arrays)]
     keep = np.arange(n * ctx) % ctx != 0
     with torch.no_grad():
         codes = [f.numpy() for f in A.encode_columns(d, xs)]

@@ -64,6 +64,18 @@ def _name(exp: str, group: str, seed: int) -> str:
     return f"relu-l1-seed{seed}" if exp == EXP2 else f"relu_l1_{'abc'[seed]}"
 
 
+def _silent(v: dict) -> int:  # silent on the evaluated tokens: the dead ones and 100 rare ones
+    return v["dead"] + 100
+
+
+def _alive(v: dict) -> float:
+    return 1 - _silent(v) / 16384
+
+
+def _l1(v: dict) -> float:
+    return 2.5 * v["l0"]
+
+
 def _record(exp: str, group: str, seed: int, v: dict) -> dict:
     models = MODELS[exp]
     name = _name(exp, group, seed)
@@ -103,7 +115,12 @@ def _record(exp: str, group: str, seed: int, v: dict) -> dict:
             "explained_variance": v["ev"],
             "mse": 310.0,
             "l0": v["l0"],
+            "l1": _l1(v),
+            "frac_alive": _alive(v),
             "dead_latents": v["dead"],
+            "dead_latents_definition": "silent for >= 10000000 training tokens when training ended",
+            "silent_on_eval": _silent(v),
+            "silent_on_eval_tokens": 32512,
             "n_latents": 16384,
         },
         "ce_diff": {m: v["ce"][i] for i, m in enumerate(models)},
@@ -134,7 +151,8 @@ def _expected(exp: str, group: str) -> dict[str, tuple[float, float]]:
         return float(np.mean(a)), (float(np.std(a, ddof=1)) if a.size > 1 else math.nan)
 
     out = {"l0": ms([v["l0"] for v in vals]), "dead_latents": ms([v["dead"] for v in vals]),
-           "explained_variance": ms([v["ev"] for v in vals])}
+           "silent_on_eval": ms([_silent(v) for v in vals]), "l1": ms([_l1(v) for v in vals]),
+           "frac_alive": ms([_alive(v) for v in vals]), "explained_variance": ms([v["ev"] for v in vals])}
     for i, x in enumerate("ABC"[: len(MODELS[exp])]):
         out[f"ce_diff_{x}"] = ms([v["ce"][i] for v in vals])
         out[f"ce_loss_score_{x}"] = ms([v["score"][i] for v in vals])
@@ -202,21 +220,26 @@ def test_single_seed_group(eval_dirs):
     rows = aggregate(collect(eval_dirs))
     (r,) = [r for r in rows if r.label == "btk-k64"]
     assert r.n_seeds == 1 and r.mean("l0") == 63.5 and math.isnan(r.std("l0"))
-    assert "| btk-k64 | 63.50 ± – | 40.0 ± – | 0.050 ± – | 0.060 ± – | – | 1 |" in format_table(rows)
+    assert "| btk-k64 | 63.50 ± – | 40.0 ± – | 140.0 ± – | 0.050 ± – | 0.060 ± – | – | 1 |" in format_table(rows)
 
 
 def test_markdown(eval_dirs, tmp_path):
     rows = aggregate(collect(eval_dirs))
     table = format_table(rows)
     lines = table.strip().splitlines()
-    assert lines[0] == "| experiment | comparison | dictionary | L0 | dead | ΔCE A | ΔCE B | ΔCE C | seeds |"
+    assert lines[0] == "| experiment | comparison | dictionary | L0 | dead | silent | ΔCE A | ΔCE B | ΔCE C | seeds |"
     assert len(lines) == 2 + 5
-    # btk-k32 on 1B vs. 4B: l0 32.1 ± 0.2, dead 121 ± sqrt(13), ΔCE A 0.10 ± 0.01, B 0.12 ± 0.02
-    assert f"| {EXP2} | 1B vs. 4B | btk-k32 | 32.10 ± 0.20 | 121.0 ± 3.6 | 0.100 ± 0.010 | 0.120 ± 0.020 | – | 3 |" in lines
+    # btk-k32 on 1B vs. 4B: l0 32.1 ± 0.2, dead 121 ± sqrt(13), silent 221 ± sqrt(13), ΔCE A 0.10 ± 0.01,
+    # B 0.12 ± 0.02
+    assert (f"| {EXP2} | 1B vs. 4B | btk-k32 | 32.10 ± 0.20 | 121.0 ± 3.6 | 221.0 ± 3.6 | 0.100 ± 0.010 "
+            "| 0.120 ± 0.020 | – | 3 |") in lines
     assert any(ln.startswith(f"| {EXP3} | 1B vs. 4B vs. 286B | btk-k32 |") and "| 0.310 ± 0.010 | 3 |" in ln for ln in lines)
-    assert {ln.count("|") for ln in lines} == {10}
+    assert {ln.count("|") for ln in lines} == {11}
     path = write_markdown(rows, tmp_path / "report.md")
-    assert table in path.read_text()
+    text = path.read_text()
+    assert table in text
+    assert "dead: latents silent for dead_after_tokens training tokens" in text  # the caption tells them apart
+    assert "silent: latents that never fired on the evaluated tokens" in text
 
 
 def _unescaped_amps(line: str) -> int:
@@ -231,11 +254,11 @@ def test_latex(eval_dirs, tmp_path):
     rows = aggregate(collect(eval_dirs))
     tex = write_latex(rows, tmp_path / "report.tex").read_text()
     assert tex.count(r"\toprule") == tex.count(r"\bottomrule") == 1
-    assert r"\begin{tabular}{llccccc}" in tex and r"\multirow" not in tex
+    assert r"\begin{tabular}{llcccccc}" in tex and r"\multirow" not in tex
     lines = [ln.strip() for ln in tex.splitlines()]
     table = lines[lines.index(r"\toprule") + 1 : lines.index(r"\bottomrule")]
     data = [ln for ln in table if ln.endswith(r"\\")]
-    assert {_unescaped_amps(ln) for ln in data} == {6}  # 7 columns in every row
+    assert {_unescaped_amps(ln) for ln in data} == {7}  # 8 columns in every row
     # header, 2 architecture title rows, 5 data rows; \midrule after the header and between the 2 types
     assert len(data) == 1 + 2 + 5 and table.count(r"\midrule") == 2
     assert data[1].startswith(r"\textit{ReLU") and data[4].startswith(r"\textit{BatchTopK}")
@@ -246,10 +269,13 @@ def test_latex(eval_dirs, tmp_path):
     # two batchtopk dictionaries on one comparison: the label tells them apart
     assert btk[0][:2] == [EXP2, r"1B vs.\ 4B (btk-k32)"] and btk[1][:2] == ["", r"1B vs.\ 4B (btk-k64)"]
     assert btk[2][:2] == [r"pythia\_1b\_3way", r"1B vs.\ 4B vs.\ 286B"]
-    # mean $\pm$ std, 2 decimals, dead as integers (121 +- sqrt(13)); "--" for C of 2 models
-    assert btk[0][2:] == [r"32.10 $\pm$ 0.20", r"121 $\pm$ 4", r"0.10 $\pm$ 0.01", r"0.12 $\pm$ 0.02", "--"]
-    assert btk[1][2:] == [r"63.50 $\pm$ --", r"40 $\pm$ --", r"0.05 $\pm$ --", r"0.06 $\pm$ --", "--"]
-    assert btk[2][2:] == [r"214.13 $\pm$ 0.15", r"2 $\pm$ 1", r"0.05 $\pm$ 0.01", r"0.18 $\pm$ 0.01", r"0.31 $\pm$ 0.01"]
+    # mean $\pm$ std, 2 decimals, dead and silent as integers (121 +- sqrt(13)); "--" for C of 2 models
+    assert btk[0][2:] == [r"32.10 $\pm$ 0.20", r"121 $\pm$ 4", r"221 $\pm$ 4", r"0.10 $\pm$ 0.01",
+                          r"0.12 $\pm$ 0.02", "--"]
+    assert btk[1][2:] == [r"63.50 $\pm$ --", r"40 $\pm$ --", r"140 $\pm$ --", r"0.05 $\pm$ --", r"0.06 $\pm$ --",
+                          "--"]
+    assert btk[2][2:] == [r"214.13 $\pm$ 0.15", r"2 $\pm$ 1", r"102 $\pm$ 1", r"0.05 $\pm$ 0.01",
+                          r"0.18 $\pm$ 0.01", r"0.31 $\pm$ 0.01"]
     assert "pythia_1b" not in tex  # every underscore escaped
 
 
@@ -275,3 +301,46 @@ def test_collect_errors(tmp_path):
     (bad / "splice.json").write_text('{"dictionary": "dict-s0"}')
     with pytest.raises(ValueError, match="missing key"):
         collect([empty])
+
+
+def test_unknown_and_legacy_dead_counts(tmp_path):
+    """A dictionary without a training record has dead_latents null: "unknown", never guessed. A
+    splice.json written before the two counts were separated holds only dead_latents, which then
+    counted latents silent on the evaluated tokens: it is read as silent_on_eval."""
+    v = VALUES[(EXP2, "btk64")][0]
+    unknown = _record(EXP2, "btk64", 0, v)
+    unknown["metrics"]["dead_latents"] = None
+    legacy = _record(EXP2, "relu", 0, v)
+    legacy["metrics"] = {k: x for k, x in legacy["metrics"].items()
+                         if k not in ("silent_on_eval", "silent_on_eval_tokens", "dead_latents_definition")}
+    rows = aggregate([unknown, legacy])
+    by = {r.label: r for r in rows}
+    assert math.isnan(by["btk-k64"].mean("dead_latents")) and by["btk-k64"].mean("silent_on_eval") == 140
+    assert math.isnan(by["relu-l1"].mean("dead_latents")) and by["relu-l1"].mean("silent_on_eval") == 40
+    table = format_table(rows)
+    assert "| btk-k64 | 63.50 ± – | unknown | 140.0 ± – |" in table
+    assert "| relu-l1 | 63.50 ± – | unknown | 40.0 ± – |" in table
+    tex = write_latex(rows, tmp_path / "report.tex").read_text()
+    assert r"63.50 $\pm$ -- & ? & 140 $\pm$ --" in tex
+
+
+def test_conventions_of_the_analyses_are_named(tmp_path):
+    """The units an SAE was run on other models in, and the relative-norm convention of the
+    crosscoder classes, come from diff.json beside each splice.json into report.csv and the captions."""
+    ev = tmp_path / "evals"
+    v = VALUES[(EXP2, "btk64")][0]
+    for group, diff in (("btk64", {"kind": "2-model crosscoder", "compared_with": [], "class_convention": "delta"}),
+                        ("relu", {"kind": "SAE", "compared_with": ["4B"], "transfer_units": "source"})):
+        rec = _record(EXP2, group, 0, v)
+        _write(ev, rec)
+        (ev / rec["dictionary"] / "diff.json").write_text(json.dumps(diff))
+    rows = aggregate(collect([ev]))
+    with write_csv(rows, tmp_path / "report.csv").open() as f:
+        lines = {ln["dictionary"]: ln for ln in csv.DictReader(f)}
+    assert (lines["btk-k64"]["class_convention"], lines["btk-k64"]["transfer_units"]) == ("delta", "")
+    assert (lines["relu-l1"]["class_convention"], lines["relu-l1"]["transfer_units"]) == ("", "source")
+    assert lines["relu-l1"]["silent_on_eval_tokens"] == "32512"
+    md = write_markdown(rows, tmp_path / "report.md").read_text()
+    assert "fed their activations in source units" in md and "relative decoder norm delta" in md
+    tex = write_latex(rows, tmp_path / "report.tex").read_text()
+    assert "in source units" in tex and "relative decoder norm delta" in tex

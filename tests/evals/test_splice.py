@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -135,7 +136,8 @@ def test_zero_dictionary_is_zero_ablation(setup):
     # splice="replace" splices x_hat / scale = 0: the very tensor zero ablation uses
     report = evaluate(setup, path, splice="replace")
     metrics = report["metrics"]
-    assert metrics["l0"] == 0.0 and metrics["dead_latents"] == metrics["n_latents"]
+    assert metrics["l0"] == metrics["l1"] == metrics["frac_alive"] == 0.0
+    assert metrics["silent_on_eval"] == metrics["n_latents"] and metrics["silent_on_eval_tokens"] == 16 * 15
     for name in MODELS:
         m = metrics["per_model"][name]
         assert m["ce_loss_with_sae"] == m["ce_loss_with_ablation"]
@@ -197,13 +199,15 @@ def test_trained_crosscoder_and_sae(setup):
         assert set(metrics["per_model"]) == set(names) == set(report["ce_diff"])
         for name in names:
             m = metrics["per_model"][name]
-            assert set(m) == PER_MODEL_KEYS
+            assert PER_MODEL_KEYS <= set(m)  # evals/reconstruction.py may add more
             assert all(isinstance(v, float) and math.isfinite(v) for v in m.values()), m
             assert report["ce_diff"][name] == m["ce_diff"]
             assert m["kl_div_with_sae"] >= 0 and m["kl_div_with_ablation"] > 0
             assert m["store_rel_error"] < 1e-6
         assert 0 < metrics["l0"] <= metrics["n_latents"]
-        assert 0 <= metrics["dead_latents"] <= metrics["n_latents"] == 64
+        assert 0 <= metrics["dead_latents"] <= metrics["n_latents"] == 64  # the trainer's count
+        assert 0 <= metrics["silent_on_eval"] <= metrics["n_latents"]
+        assert metrics["frac_alive"] == 1 - metrics["silent_on_eval"] / 64 and metrics["l1"] > 0
         assert metrics["explained_variance"] > 0 and metrics["mse"] > 0
         assert metrics["n_predictions"] == 16 * 14
 
@@ -308,3 +312,88 @@ def test_variants_are_stacked_on_a_gpu_only_unless_asked():
 
     assert _stacked(None, "cuda:0") and not _stacked(None, "cpu")
     assert _stacked(True, "cpu") and not _stacked(False, "cuda")
+
+
+# ---------------------------------------------------------------------------------- the store guard
+
+
+def _finetuned(base: Path, out: Path, tokenizer, steps: int) -> Path:
+    """`steps` Adam steps (lr 1e-3) of next-token training on fixed random tokens: a checkpoint
+    adjacent to `base`, as a fine-tuning run saves them."""
+    model = AutoModelForCausalLM.from_pretrained(base)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(3, len(tokenizer), (8, 8), generator=g)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _imported_store(tmp_path, acts, ids, storage_dtype: str):
+    """The base model's activations, imported (their identity names no weights, so only comparing
+    live with stored activations can tell another checkpoint), and a zero SAE saved on them."""
+    from pipeline import import_cache as IC
+    from tests.interop.foreign_caches import write_dl_cache
+
+    n_rows, ctx = ids.numel(), ids.shape[1]
+    src = write_dl_cache(tmp_path / f"cache-{storage_dtype}", acts, [n_rows], tokens=ids.flatten(),
+                         ranges=torch.arange(0, n_rows + 1, ctx), name="resid_post_layer_0")
+    store = tmp_path / f"store-{storage_dtype}"
+    res = IC.import_cache(src, str(store), model="tiny", validation_fraction=0.1, storage_dtype=storage_dtype,
+                          chunk_rows=32, shard_rows=64, scale_sample_tokens=100, progress=False,
+                          log=lambda *a: None)
+    arr = S.open_activation_array(S.StoreRoot(str(store)), res.array_path)
+    sae = build_dictionary(DictionarySpec(name="zero", architecture="relu", n_latents=8), 1, acts.shape[1],
+                           [arr.scale])
+    with torch.no_grad():
+        zero_weights(sae, 1, acts.shape[1])
+    sae.save(tmp_path / f"sae-{storage_dtype}", {
+        "name": "zero", "experiment": "guard", "store": str(store), "tokenset_id": res.tokenset_id,
+        "hook": "layer0.resid_post", "models": ["tiny"], "model_keys": [arr.attrs["model_key"]],
+        "arrays": [res.array_path]})
+    return store, res.tokenset_id, tmp_path / f"sae-{storage_dtype}"
+
+
+def test_store_guard_refuses_an_adjacent_checkpoint_and_accepts_bfloat16_storage(tmp_path):
+    """Five Adam steps move the tiny model's layer-0 output by about 10%: under the old 25% limit
+    a splice with the wrong checkpoint went through. bfloat16 storage of the right one is ~0.3%."""
+    from mdiff.config import write_config as write_experiment
+    from mdiff.tiny import make_corpus, make_tokenizer
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=40)
+    tok = make_tokenizer(corpus["text"].read_text().split("\n\n"))
+    base = make_model(tmp_path / "step0", tok, "llama", 16, 2)
+    tuned = _finetuned(base, tmp_path / "step5", tok, steps=5)
+    ids = torch.randint(3, len(tok), (40, 8), generator=torch.Generator().manual_seed(24))
+    ids[:, 0] = tok.bos_token_id
+    with torch.no_grad():
+        acts = AutoModelForCausalLM.from_pretrained(base).eval()(ids, output_hidden_states=True)
+        acts = acts.hidden_states[1].reshape(-1, 16)  # layer0.resid_post
+    store, ts_id, sae = _imported_store(tmp_path, acts, ids, "bfloat16")
+
+    def config(weights: Path, dtype: str):
+        return load_config(write_experiment(tmp_path / f"{weights.name}-{dtype}.toml", {
+            "name": "guard", "store": str(store), "hooks": [{"layer": 0}], "tokens": {"tokenset": ts_id},
+            "models": [{"name": "tiny", "path": str(weights), "imported": "tiny", "dtype": dtype}]}))
+
+    def splice(weights: Path, dtype: str = "float32"):
+        return SP.evaluate_dictionary(sae, config(weights, dtype), out_dir=None, n_sequences=4, batch_size=4,
+                                      device="cpu", progress=False)
+
+    with pytest.raises(SP.SpliceError) as e:
+        splice(tuned)
+    message = str(e.value)
+    assert "'tiny'" in message and "above the 5%" in message and "path, repo, revision" in message
+    rel = float(re.search(r"by ([0-9.]+)% of their norm", message).group(1)) / 100
+    assert SP.STORE_MISMATCH_LIMIT < rel < 0.25, rel  # refused now, accepted by the old limit
+    right = splice(base)["metrics"]["per_model"]["tiny"]["store_rel_error"]
+    assert 1e-3 < right < 0.01, right  # bfloat16 rounding only
+    other_dtype = splice(base, "bfloat16")["metrics"]["per_model"]["tiny"]["store_rel_error"]
+    assert other_dtype < SP.STORE_MISMATCH_LIMIT  # computed in bfloat16, stored from float32
+    print(f"store_rel_error: adjacent checkpoint {rel:.2%}, same model stored in bfloat16 {right:.3%}, "
+          f"and computed in bfloat16 {other_dtype:.3%}")

@@ -136,6 +136,9 @@ def _filling_up(store, budget: int):
     return FullAfter(store)
 
 
+BUDGET = 70_000  # bytes the store takes: the token set and a few of the 8 activation shards of 16 KiB
+
+
 def test_cache_stops_clearly_when_the_store_fills_and_resumes_identically(kit: Kit, tmp_path,
                                                                          monkeypatch):
     cfg = kit.config(tmp_path / "exp.toml", store=tmp_path / "store", models=("llama-s0",),
@@ -143,8 +146,8 @@ def test_cache_stops_clearly_when_the_store_fills_and_resumes_identically(kit: K
     real = S.StoreRoot.zarr_store
 
     def limited(self):
-        if self._zarr_store is None:  # token set ~9 kB, then 8 shards of 16 KiB
-            self._zarr_store = _filling_up(real(self), budget=60_000)
+        if self._zarr_store is None:
+            self._zarr_store = _filling_up(real(self), budget=BUDGET)
         return self._zarr_store
 
     monkeypatch.setattr(S.StoreRoot, "zarr_store", limited)
