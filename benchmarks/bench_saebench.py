@@ -2,7 +2,7 @@
 by part (core, the words' forwards, the letter probe, absorption per SAE, sparse probing).
 
 With the demo's outputs present (`make demo`), it times the study of the demo's SmolLM2 SAE
-(configs/saebench-smollm2-demo.toml); otherwise a small setup: a tiny random llama and a sweep of
+(benchmarks/saebench-smollm2-demo.toml); otherwise a small setup: a tiny random llama and a sweep of
 three SAEs trained here. The study's outputs are written to a temporary folder (the demo's own
 results are not touched), so every part is computed, nothing reused; a second run of the same
 study is timed too, to show what resuming costs. Wall and process CPU seconds are both reported:
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.common.helpers import ROOT, machine_info, machine_line, stamped_log, write_section
 
-DEMO_CONFIG = ROOT / "configs" / "saebench-smollm2-demo.toml"
+DEMO_CONFIG = ROOT / "benchmarks" / "saebench-smollm2-demo.toml"
 
 
 def small_setup(work: Path, log) -> Path:
