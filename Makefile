@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 CONFIG ?= runs/smoke/experiment.toml
 STAMP := $(VENV)/.mdiff-installed
 
-.PHONY: setup cache train eval report all demo smoke status verify toy test bench browse saebench clean
+.PHONY: setup cache train eval report all demo smoke status verify toy test bench browse saebench gpu-check clean
 
 setup: $(STAMP)
 
@@ -100,6 +100,11 @@ bench: setup
 	.venv-peers/bin/python -m benchmarks.bench_peers_read
 	.venv-peers/bin/python -m benchmarks.bench_peers_sweep
 	.venv-peers/bin/python -m benchmarks.bench_peers_eval
+
+# Every stage at realistic sizes on a GPU machine (CUDA torch installed into the venv), as a
+# pass/fail table of tokens/s ratios; on a CPU it runs small sizes. See benchmarks/gpu_check.sh.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf runs/smoke .pytest_cache

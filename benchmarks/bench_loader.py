@@ -1,21 +1,28 @@
-"""Stage-two loader benchmark: does the shuffled, aligned loader read as fast as the disk?
+"""Stage-two loader benchmark: does the shuffled, aligned loader read as fast as the disk, and as
+fast as memory when the store is in the page cache?
 
-One local store of synthetic bfloat16 activations (2 models, chunks of 4,096 rows in shards of
-65,536) and a second one with the same rows compressed (Blosc zstd level 1). Measured on the same
-files, in one run, interleaved, with the page cache dropped before each measurement:
+Three local stores of synthetic activations (2 models x d_model 2048, chunks of 4,096 rows in
+shards of 65,536): bfloat16, the same rows compressed (Blosc zstd level 1), and float32 of the same
+size in bytes (half the tokens). Each case runs in a worker process of its own
+(benchmarks/common/loader_cases.py), one after the other in an order reversed every repeat, and is
+measured cold (the store's pages evicted first) and warm (all of it in the page cache):
 
-  (1) the shuffled training loader, reader "mmap" (direct reads from the shard files),
-  (1b) the same with numpy.memmap slicing instead of os.preadv (which of the two to use),
-  (1c) the same with O_DIRECT reads (direct_io=True: no page cache),
-  (2) the shuffled loader, reader "zarr" (zarr decodes every chunk),
-  (3) the shuffled loader, reader "zarr", on the compressed store,
-  (4) plain sequential reads of the shard files, 16 MiB at a time, one stream,
+  (1) the shuffled training loader as training builds it (reader "mmap", direct_io "auto"),
+  (1b) the same with numpy.memmap slicing instead of os.preadv,
+  (1c) the same with direct_io "always" (O_DIRECT for what the page cache does not hold),
+  (1d) the same with direct_io "never" (buffered reads through the page cache),
+  (1e) the same with float32=True (bfloat16 batches converted to float32 in the loader),
+  (1f) the same with batch.float() by the caller instead (fresh 64 MiB float32 tensors),
+  (1g) the loader on the float32 store,
+  (2) reader "zarr" (zarr decodes every chunk), (3) the same on the zstd store,
+  (4) plain sequential reads of the bfloat16 shard files, 16 MiB at a time, one stream,
   (4b) the same with as many reads in flight as the loader has read threads,
   (5) naive random single rows from memory-mapped shard files (a sample of rows).
 
-Target: (1) / (4) >= 0.8 (also reported against (4b)). Throughput in tokens/s counts a token once with all its models' rows;
-MB/s counts the bytes yielded (or read, for (4)). Absolute rates on shared VMs drift, so compare
-ratios within one run.
+Targets: cold (1) / (4b) >= 0.9; warm (1) / (4) >= 0.5; (1) >= (1g) in MB/s. Ratios are medians
+of per-repeat ratios (each repeat runs every case once, side by side); absolute rates on shared
+VMs drift. Throughput in tokens/s counts a token once with all its models' rows; MB/s counts the
+stored bytes yielded (or read, for (4)).
 """
 
 from __future__ import annotations
@@ -24,189 +31,59 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common.helpers import write_section
-from pipeline import store as S
-from trainer.loader import ActivationLoader
-from trainer.readers import ShardFileReader as _ShardFileReader
-from trainer.readers import aligned_empty
+from benchmarks.common.helpers import ROOT, alternating, paired_ratio, write_section
+from benchmarks.common.loader_cases import build_store, run_case, shard_files
 
-HOOK = "layer8.resid_post"
-
-
-# -- the store ------------------------------------------------------------------------------------
-def build_store(path: Path, *, rows: int, d: int, n_models: int, ctx: int, chunk: int, shard: int,
-                compression: str, block: np.ndarray) -> tuple[S.TokenSet, list[S.ActivationArray]]:
-    """Synthetic bfloat16 activations: rows of one random block, shuffled differently per shard."""
-    root = S.StoreRoot(str(path))
-    root.ensure_format(create=True)
-    n_seq = rows // ctx
-    tsid = "ts-bench"
-    if not S.token_set_complete(root, tsid):
-        S.write_token_set(root, tsid, n_seq, ctx, [(np.zeros((n_seq, ctx), np.int32), np.zeros(n_seq, np.uint8))],
-                          {"n_train_sequences": n_seq - max(1, n_seq // 128), "context_length": ctx})
-    ts = S.open_token_set(root, tsid)
-    arrays = []
-    for m in range(n_models):
-        arr = S.create_activation_array(
-            root, S.activation_path(tsid, f"bench-model{m}", HOOK), n_rows=n_seq * ctx, d_model=d,
-            chunk_rows=chunk, shard_rows=shard, storage_dtype="bfloat16", compression=compression,
-            attrs={"scale": 1.0, "tokenset_id": tsid, "context_length": ctx, "hook": {"label": HOOK}})
-        if not arr.is_complete():
-            rng = np.random.default_rng(m)
-            for s in sorted(set(range(arr.n_shards)) - arr.done_shards()):
-                lo, hi = arr.shard_rows_range(s)
-                arr.write_shard(s, block[rng.permutation(len(block))[: hi - lo]])
-            assert arr.finalize()
-        arrays.append(arr)
-    return ts, arrays
+CASES = {  # name: (label, case); the store is filled in from its key
+    "loader": ("(1) shuffled loader, reader `mmap`, `direct_io=\"auto\"`: the default", {"kind": "loader"}),
+    "loader_memmap_slicing": ("(1b) the same, numpy.memmap slicing instead of preadv",
+                              {"kind": "loader", "memmap": True, "direct_io": "never"}),
+    "loader_direct": ("(1c) the same, `direct_io=\"always\"` (O_DIRECT for what is not cached)",
+                      {"kind": "loader", "direct_io": "always"}),
+    "loader_buffered": ("(1d) the same, `direct_io=\"never\"` (through the page cache)",
+                        {"kind": "loader", "direct_io": "never"}),
+    "loader_float32_out": ("(1e) the same, `float32=True` (converted to float32 in the loader)",
+                           {"kind": "loader", "float32": True}),
+    "loader_caller_float": ("(1f) the same, `batch.float()` by the caller instead",
+                            {"kind": "loader", "caller_float": True}),
+    "loader_f32_store": ("(1g) the loader (1) on the float32 store (same bytes, half the tokens)",
+                         {"kind": "loader", "store": "float32"}),
+    "loader_zarr": ("(2) shuffled loader, reader `zarr` (zarr decodes each chunk)", {"kind": "loader", "reader": "zarr"}),
+    "loader_zarr_zstd": ("(3) shuffled loader, reader `zarr`, Blosc-zstd1 store",
+                         {"kind": "loader", "reader": "zarr", "store": "zstd"}),
+    "sequential": ("(4) sequential 16 MiB reads of the shard files, one stream", {"kind": "sequential", "threads": 1}),
+    "sequential_threads": ("(4b) the same, {threads} reads in flight (the loader's parallelism)",
+                           {"kind": "sequential", "threads": "threads"}),
+    "naive_random_rows": ("(5) naive random single rows from memmaps ({naive_rows:,} sampled)", {"kind": "naive"}),
+}
 
 
-def shard_files(arrays) -> list[str]:
-    return [f"{a.root.base}/{a.path}/c/{s}/0" for a in arrays for s in range(a.n_shards)]
+def worker(spec: str) -> None:
+    job = json.loads(spec)
+    print(json.dumps(run_case(job["case"], job["setup"])), flush=True)
 
 
-def drop_cache(files: list[str]) -> str:
-    """Evict the store's pages: drop_caches when root, and POSIX_FADV_DONTNEED on every file."""
-    os.sync()
-    how = []
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        how.append("drop_caches")
-    except OSError:
-        pass
-    for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    how.append("fadvise")
-    return "+".join(how)
-
-
-# -- measurements ---------------------------------------------------------------------------------
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-class MemmapShardReader(_ShardFileReader):
-    """Variant (1b): numpy.memmap slicing of the inner chunk instead of os.preadv."""
-
-    def read(self, chunk, lo, hi, dest, scratch):
-        shard, j = divmod(chunk, self.chunks_per_shard)
-        offset = int(self.index(shard)[j, 0])
-        mm = np.memmap(self.shard_file(shard), dtype=dest.dtype, mode="r", offset=offset,
-                       shape=(hi - lo, dest.shape[1]))
-        dest[...] = mm
-        del mm
-
-
-class LoaderCase:
-    """A long-lived loader, as in training: its buffers are allocated and touched once (untimed).
-
-    Each measurement is one whole epoch from a fresh iterator (which drops the read-ahead of the
-    previous one, so the dropped page cache really is cold), timed up to its last batch.
-    """
-
-    def __init__(self, arrays, ts, *, reader, batch, buffer_tokens, threads, memmap=False, direct_io=False):
-        t0 = time.perf_counter()
-        self.ld = ActivationLoader(arrays, ts, split="train", batch_size=batch, buffer_tokens=buffer_tokens,
-                                   read_threads=threads, reader=reader, seed=0, direct_io=direct_io)
-        if memmap:
-            self.ld._readers = [MemmapShardReader(a, c) for a, c in zip(arrays, self.ld._crcs)]
-        it = iter(self.ld)
-        next(it)
-        self.first_batch_seconds = time.perf_counter() - t0  # fresh loader, cold or not
-        for _ in range(self.ld.batches_per_epoch - 1):
-            next(it)  # touches both window buffers and the batch pool
-        it.close()
-
-    def __call__(self) -> dict:
-        ld = self.ld
-        it = iter(ld)
-        t0 = time.perf_counter()
-        n = sum(len(next(it)) for _ in range(ld.batches_per_epoch))
-        dt = time.perf_counter() - t0
-        it.close()
-        return {"seconds": dt, "tokens": n, "bytes": n * ld.n_models * ld.d_model * 2}
-
-
-def run_sequential(files: list[str], tokens: int, block: int = 16 << 20) -> dict:
-    view = memoryview(aligned_empty(block, np.uint8))  # page-aligned, like the loader's buffers
-    total = 0
-    t0 = time.perf_counter()
-    for p in files:
-        with open(p, "rb", buffering=0) as f:
-            while (got := f.readinto(view)):
-                total += got
-    dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens": tokens, "bytes": total}
-
-
-def run_sequential_threads(files: list[str], tokens: int, threads: int, block: int = 16 << 20) -> dict:
-    """Sequential too, with `threads` reads in flight: 16 MiB blocks in file order, on a pool."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    blocks = [(p, off) for p in files for off in range(0, os.path.getsize(p), block)]
-    local = threading.local()
-
-    def read(job):
-        p, off = job
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = aligned_empty(block, np.uint8)
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            return os.preadv(fd, [buf], off)
-        finally:
-            os.close(fd)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as ex:
-        total = sum(ex.map(read, blocks))
-    dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens": tokens, "bytes": total}
-
-
-def run_naive(arrays, ts, n_rows: int) -> dict:
-    """Random single rows, one at a time, from memmaps of the shard files' data (the naive way)."""
-    readers = [_ShardFileReader(a, a.chunk_checksums()) for a in arrays]
-    a0 = arrays[0]
-    d, cr = a0.array.shape[1], a0.chunk_rows
-    maps = []  # maps[model][chunk]: the chunk's rows, memory-mapped
-    for r in readers:
-        per_chunk = []
-        for c in range(-(-a0.n_rows // cr)):
-            shard, j = divmod(c, r.chunks_per_shard)
-            per_chunk.append(np.memmap(r.shard_file(shard), dtype=np.uint16, mode="r",
-                                       offset=int(r.index(shard)[j, 0]), shape=(cr, d)))
-        maps.append(per_chunk)
-    rows = np.random.default_rng(0).integers(0, ts.n_train_sequences * ts.context_length, n_rows)
-    out = np.empty((len(arrays), d), np.uint16)
-    t0 = time.perf_counter()
-    for r in rows:
-        c, i = divmod(int(r), cr)
-        for m in range(len(arrays)):
-            out[m] = maps[m][c][i]
-    dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens": n_rows, "bytes": n_rows * len(arrays) * d * 2}
+def run_worker(case: dict, setup: dict) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_loader", "--worker", json.dumps({"case": case, "setup": setup})]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{p.stdout[-2000:]}{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gib", type=float, default=2.0, help="uncompressed store size (both models)")
+    ap.add_argument("--gib", type=float, default=2.0, help="uncompressed size of each store (both models)")
     ap.add_argument("--d-model", type=int, default=2048)
     ap.add_argument("--models", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=1024)
@@ -217,140 +94,155 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--naive-rows", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     ap.add_argument("--work", default="/tmp/mdiff-bench-loader", help="stores live here (reused if present)")
     ap.add_argument("--keep", action="store_true", help="keep the stores for the next run")
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--json", default="benchmarks/results/loader.json")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker)
 
-    d, n_models = args.d_model, args.models
-    row_bytes = n_models * d * 2
-    rows = int(args.gib * 2**30 / row_bytes) // args.ctx * args.ctx
-    work = Path(args.work)
+    d, n_models, work = args.d_model, args.models, Path(args.work)
     t0 = time.perf_counter()
-    block = torch.randn(min(rows, args.shard), d).to(torch.bfloat16).view(torch.uint16).numpy()
-    geometry = {"rows": rows, "d": d, "n_models": n_models, "ctx": args.ctx, "chunk": args.chunk,
-                "shard": args.shard}
-    ts, arrays = build_store(work / "plain", compression="none", block=block, **geometry)
-    zts, zarrays = build_store(work / "zstd", compression="zstd", block=block, **geometry)
-    del block
+    geometry = {"d": d, "n_models": n_models, "ctx": args.ctx, "chunk": args.chunk, "shard": args.shard}
+    stores, sizes = {}, {}
+    for name, dtype, compression in [("bfloat16", "bfloat16", "none"), ("zstd", "bfloat16", "zstd"),
+                                     ("float32", "float32", "none")]:
+        row_bytes = n_models * d * (2 if dtype == "bfloat16" else 4)
+        rows = int(args.gib * 2**30 / row_bytes) // args.ctx * args.ctx
+        _, arrays = build_store(work / name, rows=rows, compression=compression, storage_dtype=dtype, **geometry)
+        stores[name] = str(work / name)
+        sizes[name] = {"rows": rows, "bytes": sum(os.path.getsize(p) for p in shard_files(arrays))}
     build_s = time.perf_counter() - t0
-    files, zfiles = shard_files(arrays), shard_files(zarrays)
-    plain_bytes = sum(os.path.getsize(p) for p in files)
-    zstd_bytes = sum(os.path.getsize(p) for p in zfiles)
-    print(f"stores ready in {build_s:.0f}s: {rows:,} tokens x {n_models} models x d {d}: "
-          f"{plain_bytes / 2**30:.2f} GiB plain, {zstd_bytes / 2**30:.2f} GiB zstd", flush=True)
+    print(f"stores ready in {build_s:.0f}s: " + ", ".join(f"{k} {v['rows']:,} tokens {v['bytes'] / 2**30:.2f} GiB"
+                                                          for k, v in sizes.items()), flush=True)
 
-    lkw = {"batch": args.batch, "buffer_tokens": args.buffer_tokens, "threads": args.threads}
+    setup = {"batch": args.batch, "buffer_tokens": args.buffer_tokens, "threads": args.threads,
+             "naive_rows": args.naive_rows}
+    names = [n for n in args.cases.split(",") if n]
+    unknown = set(names) - set(CASES)
+    if unknown:
+        raise SystemExit(f"unknown cases {sorted(unknown)}; choose from {', '.join(CASES)}")
     load_before = os.getloadavg()
-    # loaders are built (and their buffers touched) untimed, each after a cache drop
-    first_batch = {}
-    loaders = {}
-    for name, store, kw in [("loader_mmap", (arrays, ts), {"reader": "mmap"}),
-                            ("loader_memmap_slicing", (arrays, ts), {"reader": "mmap", "memmap": True}),
-                            ("loader_mmap_direct", (arrays, ts), {"reader": "mmap", "direct_io": True}),
-                            ("loader_zarr", (arrays, ts), {"reader": "zarr"}),
-                            ("loader_zarr_zstd", (zarrays, zts), {"reader": "zarr"})]:
-        drop_cache(zfiles if "zstd" in name else files)
-        loaders[name] = LoaderCase(*store, **kw, **lkw)
-        first_batch[name] = loaders[name].first_batch_seconds
-    cases = {
-        **loaders,
-        "sequential": lambda: run_sequential(files, rows),
-        "sequential_threads": lambda: run_sequential_threads(files, rows, args.threads),
-        "naive_random_rows": lambda: run_naive(arrays, ts, args.naive_rows),
-    }
-    runs = {k: [] for k in cases}
-    cache_drop = ""
-    for rep in range(args.repeats):
-        for name, fn in cases.items():
-            cache_drop = drop_cache(zfiles if "zstd" in name else files)
-            c0 = cpu_seconds()
-            r = fn()
-            r["cpu_seconds"] = cpu_seconds() - c0  # all threads of this process, user + system
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep, order in alternating(names, args.repeats):
+        for name in order:
+            case = dict(CASES[name][1])
+            case["store"] = stores[case.get("store", "bfloat16")]
+            if case.get("threads") == "threads":
+                case["threads"] = args.threads
+            r = run_worker(case, setup)
             runs[name].append(r)
-            print(f"  [{rep + 1}/{args.repeats}] {name}: {r['tokens'] / r['seconds']:,.0f} tokens/s, "
-                  f"{r['bytes'] / r['seconds'] / 1e6:,.0f} MB/s", flush=True)
-    # warm: everything in the page cache (shows the CPU cost of each reader)
-    warm = {}
-    for name in ("loader_mmap", "loader_mmap_direct", "loader_zarr", "sequential", "sequential_threads"):
-        cases[name]()
-        warm[name] = cases[name]()
-
-    def rate(rs, key):
-        return statistics.median(r[key] / r["seconds"] for r in rs)
-
-    tps = {k: rate(v, "tokens") for k, v in runs.items()}
-    mbs = {k: rate(v, "bytes") / 1e6 for k, v in runs.items()}
-    cpu = {k: statistics.median(r["cpu_seconds"] / r["tokens"] * 1e6 for r in v) for k, v in runs.items()}
-    result = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "python": platform.python_version(), "numpy": np.__version__,
-                    "zarr": __import__("zarr").__version__},
-        "setup": {**geometry, "storage_dtype": "bfloat16", "batch": args.batch,
-                  "buffer_tokens": args.buffer_tokens, "read_threads": args.threads,
-                  "repeats": args.repeats, "naive_rows": args.naive_rows, "cache_drop": cache_drop,
-                  "plain_bytes": plain_bytes, "zstd_bytes": zstd_bytes, "build_seconds": build_s},
-        "runs": runs,
-        "tokens_per_s": tps,
-        "mb_per_s": mbs,
-        "cpu_seconds_per_million_tokens": cpu,
-        "warm_tokens_per_s": {k: v["tokens"] / v["seconds"] for k, v in warm.items()},
-        "first_batch_seconds": first_batch,
-        "load_average": {"before": load_before, "after": os.getloadavg()},
-        "ratio_loader_vs_sequential": tps["loader_mmap"] / tps["sequential"],
-        "ratio_loader_vs_sequential_threads": tps["loader_mmap"] / tps["sequential_threads"],
-        "ratio_zarr_vs_mmap": tps["loader_zarr"] / tps["loader_mmap"],
-    }
+            print(f"  [{rep + 1}/{args.repeats}] {name}: cold {r['cold']['tokens'] / r['cold']['seconds']:,.0f}, "
+                  f"warm {r['warm']['tokens'] / r['warm']['seconds']:,.0f} tokens/s, "
+                  f"peak RSS {r['peak_rss_mib']:,.0f} MiB", flush=True)
+    result = summarize(runs, args, setup, geometry, sizes, build_s, load_before)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     write_section(Path(args.out), "loader", render(result))
     print(render(result))
-    for case in loaders.values():
-        case.ld.close()
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def summarize(runs, args, setup, geometry, sizes, build_s, load_before) -> dict:
+    def med(name, temp, key):
+        return statistics.median(r[temp][key] / r[temp]["seconds"] for r in runs[name])
+
+    def ratio(a, b, temp, key="tokens"):
+        if a not in runs or b not in runs:
+            return None
+        return paired_ratio([r[temp][key] / r[temp]["seconds"] for r in runs[a]],
+                            [r[temp][key] / r[temp]["seconds"] for r in runs[b]])
+
+    per_case = {}
+    for name, rs in runs.items():
+        per_case[name] = {
+            **{f"{t}_tokens_per_s": med(name, t, "tokens") for t in ("cold", "warm")},
+            **{f"{t}_mb_per_s": med(name, t, "bytes") / 1e6 for t in ("cold", "warm")},
+            **{f"{t}_cpu_seconds_per_million_tokens": statistics.median(
+                r[t]["cpu_seconds"] / r[t]["tokens"] * 1e6 for r in rs) for t in ("cold", "warm")},
+            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
+            "base_rss_mib": statistics.median(r["base_rss_mib"] for r in rs),
+            **({"first_batch_seconds": statistics.median(r["first_batch_seconds"] for r in rs),
+                "direct_io": rs[0]["direct_io"], "direct_io_reason": rs[0]["direct_io_reason"]}
+               if "first_batch_seconds" in rs[0] else {}),
+        }
+        for t in ("cold", "warm"):
+            per_case[name][f"{t}_vs_sequential"] = ratio(name, "sequential", t)
+            per_case[name][f"{t}_vs_sequential_threads"] = ratio(name, "sequential_threads", t)
+    return {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "python": platform.python_version(), "numpy": np.__version__,
+                    "zarr": __import__("zarr").__version__},
+        "setup": {**geometry, **setup, "repeats": args.repeats, "stores": sizes, "build_seconds": build_s,
+                  "cache_drop": next(iter(runs.values()))[0]["cache_drop"]},
+        "cases": per_case,
+        "runs": runs,
+        "ratios": {"warm_bf16_vs_f32_mb_per_s": ratio("loader", "loader_f32_store", "warm", "bytes"),
+                   "cold_bf16_vs_f32_mb_per_s": ratio("loader", "loader_f32_store", "cold", "bytes"),
+                   "warm_float32_out_vs_caller_float": ratio("loader_float32_out", "loader_caller_float", "warm"),
+                   "zarr_vs_mmap_cold": ratio("loader_zarr", "loader", "cold")},
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+    }
+
+
 def render(r: dict) -> str:
-    m, s, t, mb, w = r["machine"], r["setup"], r["tokens_per_s"], r["mb_per_s"], r["warm_tokens_per_s"]
-    la, fb, cpu = r["load_average"], r["first_batch_seconds"], r["cpu_seconds_per_million_tokens"]
-    seq, seq_t = t["sequential"], t["sequential_threads"]
-    rows = [
-        ("(1) shuffled loader, reader `mmap` (os.preadv from the shard files): the default", "loader_mmap"),
-        ("(1b) the same, numpy.memmap slicing instead of preadv", "loader_memmap_slicing"),
-        ("(1c) the same, preadv with O_DIRECT (`direct_io=True`, no page cache)", "loader_mmap_direct"),
-        ("(2) shuffled loader, reader `zarr` (zarr decodes each chunk)", "loader_zarr"),
-        ("(3) shuffled loader, reader `zarr`, Blosc-zstd1 store", "loader_zarr_zstd"),
-        ("(4) sequential 16 MiB reads of the shard files, one stream", "sequential"),
-        (f"(4b) the same, {s['read_threads']} reads in flight (the loader's parallelism)", "sequential_threads"),
-        (f"(5) naive random single rows from memmaps ({s['naive_rows']:,} sampled)", "naive_random_rows"),
-    ]
-    table = "\n".join(
-        f"| {label} | {t[k]:,.0f} | {mb[k]:,.0f} | {t[k] / seq:.2f} | {t[k] / seq_t:.2f} | {cpu[k]:.1f} | "
-        + (f"{w[k]:,.0f} |" if k in w else " |") for label, k in rows)
+    m, s, c, q = r["machine"], r["setup"], r["cases"], r["ratios"]
+    la = r["load_average"]
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    lines = []
+    for name, (label, _) in CASES.items():
+        if name not in c:
+            continue
+        x = c[name]
+        lines.append(
+            f"| {label.format(threads=s['threads'], naive_rows=s['naive_rows'])} "
+            f"| {x['cold_tokens_per_s']:,.0f} | {x['cold_mb_per_s']:,.0f} | {f(x['cold_vs_sequential_threads'], '.2f')} "
+            f"| {x['cold_cpu_seconds_per_million_tokens']:.1f} "
+            f"| {x['warm_tokens_per_s']:,.0f} | {x['warm_mb_per_s']:,.0f} | {f(x['warm_vs_sequential'], '.2f')} "
+            f"| {x['warm_cpu_seconds_per_million_tokens']:.1f} | {x['peak_rss_mib']:,.0f} |")
+    bf, f32 = s["stores"]["bfloat16"], s["stores"]["float32"]
+    d1 = c.get("loader", {})
+    key = ""
+    if d1:
+        key = (f"Cold, the default loader reads at **{f(d1['cold_vs_sequential_threads'], '.2f')}x** sequential "
+               f"reads with its parallelism (4b) (target >= 0.9); warm, at **{f(d1['warm_vs_sequential'], '.2f')}x** "
+               f"one sequential stream (4) (target >= 0.5). Its `direct_io=\"auto\"` chose: "
+               f"{d1['direct_io_reason']}. ")
+    if q["warm_bf16_vs_f32_mb_per_s"] is not None:
+        key += (f"bfloat16 / float32 store in MB/s: {q['warm_bf16_vs_f32_mb_per_s']:.2f} warm, "
+                f"{q['cold_bf16_vs_f32_mb_per_s']:.2f} cold. ")
+    if q["warm_float32_out_vs_caller_float"] is not None:
+        key += (f"float32 batches made by the loader (1e) / by the caller's `.float()` (1f), warm: "
+                f"{q['warm_float32_out_vs_caller_float']:.2f}x. ")
+    first = f"First batch of a fresh loader, cold (it reads a whole window first): {d1['first_batch_seconds']:.1f} s. " \
+        if d1 else ""
     return f"""## Stage two: the shuffled, aligned loader vs plain reads
 
 Machine: CPU, {m['cpu_count']} cores; {m['platform']}; Python {m['python']}, numpy {m['numpy']},
-zarr {m['zarr']}, torch {m['torch']}. Store: {s['rows']:,} tokens x {s['n_models']} models x d_model
-{s['d']}, bfloat16, chunks of {s['chunk']:,} rows in shards of {s['shard']:,}
-({s['plain_bytes'] / 2**30:.2f} GiB; the zstd copy {s['zstd_bytes'] / 2**30:.2f} GiB). Loader: batch
-{s['batch']:,}, shuffle window {s['buffer_tokens']:,} tokens, {s['read_threads']} read threads; each loader is
-built once (its buffers touched, untimed) and each measurement is one epoch of the training split
-from a fresh iterator, as in a long run. Page cache dropped before each measurement
-({s['cache_drop']}); median of {s['repeats']} interleaved runs; "warm" = everything already cached,
-one run. Load average {la['before'][0]:.1f} before, {la['after'][0]:.1f} after: other jobs shared these 2 cores.
+zarr {m['zarr']}, torch {m['torch']}. Stores: {s['n_models']} models x d_model {s['d']}, chunks of
+{s['chunk']:,} rows in shards of {s['shard']:,}: bfloat16 {bf['rows']:,} tokens ({bf['bytes'] / 2**30:.2f} GiB),
+its zstd copy ({s['stores']['zstd']['bytes'] / 2**30:.2f} GiB), float32 {f32['rows']:,} tokens
+({f32['bytes'] / 2**30:.2f} GiB). Loader: batch {s['batch']:,}, shuffle window {s['buffer_tokens']:,} tokens,
+{s['threads']} read threads. Each case runs in a process of its own: its loader is built and its buffers
+touched by one untimed epoch; cold, it reads an epoch of the training split from a fresh iterator, the
+store's pages evicted ({s['cache_drop']}); warm, every file in the page cache, the second epoch of a
+running iterator (as in training). Peak RSS is that process's (VmHWM). Median of {s['repeats']} repeats, cases side by side in alternating order; ratios are
+medians of per-repeat ratios. Load average {la['before'][0]:.1f} before, {la['after'][0]:.1f} after: other
+jobs shared these cores, so absolute rates drift.
 
-| what | tokens/s | MB/s | vs (4) | vs (4b) | CPU s per 1M tokens | warm tokens/s |
-|---|---:|---:|---:|---:|---:|---:|
-{table}
+| what | cold tokens/s | cold MB/s | cold vs (4b) | cold CPU s / 1M tokens | warm tokens/s | warm MB/s | warm vs (4) | warm CPU s / 1M tokens | peak RSS MiB |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+{chr(10).join(lines)}
 
-Loader / sequential: **{r['ratio_loader_vs_sequential']:.2f}** against one sequential stream (target >= 0.8),
-**{r['ratio_loader_vs_sequential_threads']:.2f}** against sequential reads with the loader's parallelism.
-zarr / mmap reader: {r['ratio_zarr_vs_mmap']:.2f}. First batch of a fresh loader, cold (it reads a whole
-window first): {fb['loader_mmap']:.1f} s with `mmap`, {fb['loader_zarr']:.1f} s with `zarr`. A token is
-{s['n_models']} rows of {s['d'] * 2:,} bytes. Raw figures: `benchmarks/results/loader.json`.
-Reproduce: `python -m benchmarks.bench_loader` (about 2.5 minutes).
+{key}{first}A bfloat16 token is {s['n_models']} rows of {s['d'] * 2:,} bytes. Raw figures:
+`benchmarks/results/loader.json`. Reproduce: `python -m benchmarks.bench_loader` (about 6 minutes, building the stores included).
 """
 
 

@@ -68,6 +68,9 @@ class TrainSpec:
     buffer_tokens: int = 262_144  # loader shuffle window, in tokens (memory: 2 windows)
     read_threads: int = 4
     reader: Literal["auto", "mmap", "zarr"] = "auto"
+    # O_DIRECT reads: "auto" reads through the page cache only when the split fits in half of the
+    # free memory and the run reads it at least twice (trainer/readers.py `direct_rule`)
+    direct_io: Literal["auto", "always", "never"] = "auto"
     include_first_position: bool = False  # position 0 is an outlier (attention sink); skip it
     device: str = "auto"
     out_dir: str | None = None  # default: runs/<experiment name>, relative to the config file

@@ -1,16 +1,18 @@
 """Shuffled batches of several models' activations at one hook, aligned token by token.
 
-Row i of every batch is the same token in every model: batches are [batch, n_models, d_model]
-in the stored dtype (bfloat16 or float32); the trainer converts them to float32.
+Row i of every batch is the same token in every model: batches are [batch, n_models, d_model],
+on the CPU in the stored dtype (bfloat16 or float32) unless ``float32=True``; on CUDA they travel
+in the stored dtype (half the bytes of float32 for bfloat16) and are converted on the device.
 
 The order of the rows (a seeded chunk permutation per epoch, windows of about ``buffer_tokens``
 rows, a row permutation per window) is trainer/shuffle_window.py's; reading one chunk is
-trainer/readers.py's. This module runs them: a window's chunks are read by a pool of
-``read_threads`` threads, each chunk (of each model) into its fixed slot of a preallocated window
-buffer [window_chunks * chunk_rows, n_models, d_model]; two such buffers are reused for the whole
-run. While one window is consumed the next is read in the background, and a batch-assembly thread
-keeps ``prefetch_batches`` batches ready, so memory is two windows plus a few batches, never the
-store. Nothing depends on thread timing: the batches are the same whatever the threads do.
+trainer/readers.py's. This module runs them: ``read_threads`` threads read a window's chunks, each
+(of each model) in place into its contiguous slot of a window buffer [n_models, window_rows,
+d_model], and checksum it there. Two such buffers are reused for the whole run: while one window
+is consumed the next is read. A batch-assembly thread keeps ``prefetch_batches`` batches ready,
+each gathered from the window (one ``np.take`` of whole rows, the batch's only copy) into a reused
+page-aligned buffer: memory is two windows plus a few batches, never the store. Nothing depends on
+thread timing: the batches are the same whatever the threads do.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -30,7 +31,7 @@ import torch
 from pipeline import store as S
 from pipeline.store import CorruptChunkError
 from trainer.aligned_arrays import IncompatibleArraysError, check_aligned
-from trainer.readers import aligned_empty, open_readers
+from trainer.readers import BufferPool, aligned_empty, direct_rule, memory_available, open_readers
 from trainer.shuffle_window import ShuffleWindows
 
 __all__ = ["ActivationLoader", "CorruptChunkError", "IncompatibleArraysError", "STATE_FORMAT", "STATE_VERSION"]
@@ -47,8 +48,8 @@ _STATE_KEYS = ("split", "shuffle", "seed", "batch_size", "include_first_position
 class _LiveWindow:
     epoch: int
     window: int
-    buffer: np.ndarray
-    rows: np.ndarray  # buffer rows in stream order
+    buffer: np.ndarray  # [n_models, window_rows, d_model]
+    flat: np.ndarray  # rows of buffer.reshape(-1, d_model) in stream order, n_models per token
     futures: list
     ready: bool = False
 
@@ -69,9 +70,7 @@ class _Pipeline:
         self.thread.start()
 
     def get(self):
-        if self.closed:
-            return _CLOSED
-        return self.queue.get()
+        return _CLOSED if self.closed else self.queue.get()
 
     def close(self) -> None:
         if self.closed:
@@ -108,34 +107,45 @@ class ActivationLoader:
     included, and has a ``len()``. ``state_dict()`` / ``load_state_dict()`` save and restore the
     position: a restored loader yields exactly the batches an uninterrupted one would have.
 
-    Every chunk read is checked against the CRC-32 recorded when it was written (``verify``, on
-    by default), so damaged files stop training with the chunk named instead of feeding it garbage;
-    with zlib-ng's CRC it cost 10-15% of warm (page-cache) throughput here, and less when reads
-    wait on the disk.
+    Every chunk read is checked against the CRC-32 recorded when it was written (``verify``, on by
+    default), so damaged files stop training with the chunk named instead of feeding it garbage;
+    the read threads check each piece of a chunk as it arrives, off the batch-assembly path.
 
-    ``direct_io=True`` makes the "mmap" reader bypass the page cache (O_DIRECT, falling back to
-    buffered reads where the filesystem or the alignment does not allow it): for stores much
-    larger than RAM it saves most of the reading CPU; for stores that fit in RAM it forgoes the
-    page cache, so it is off by default (see benchmarks/bench_loader.py).
+    ``direct_io`` ("auto", "always"/True, "never"/False) says how the "mmap" reader reads what is
+    not already in the page cache (what is, it always takes from there): O_DIRECT or buffered.
+    "auto" applies ``trainer.readers.direct_rule``: buffered only when the split fits in half the
+    available memory and ``planned_rows`` (the rows the caller means to read, e.g. steps x batch
+    size; default one epoch) come back to it, so that the page cache can serve the later passes;
+    O_DIRECT otherwise. ``direct_io_reason`` says what it chose and why.
+
+    ``float32``: yield float32 batches. None (default): on CUDA yes (batches travel in the stored
+    dtype, pinned, non_blocking on the current stream, and ``.float()`` runs on the device); on the
+    CPU no. On the CPU, ``float32=True`` converts each batch in the assembly thread into reused
+    buffers: a caller's ``batch.float()`` page-faults a fresh 64 MiB tensor per 4,096 x 2 x 2,048
+    batch (26 ms against 2-4 ms into a reused one here: 2.3x the tokens/s in benchmarks/bench_loader.py).
 
     A yielded CPU batch owns its memory until the caller drops it; the loader recycles a batch's
     memory only once nothing references it any more (page-faulting fresh 32 MiB buffers for every
-    batch cost 8x in the gather). On CUDA, batches are assembled in pinned memory and copied with
-    non_blocking=True on the current stream.
+    batch cost 8x in the gather). The gather, the one copy on the batch's path, is split over
+    ``gather_threads`` threads (default: the cores, up to 4).
     """
 
     def __init__(self, arrays: list[S.ActivationArray], token_set: S.TokenSet, *, split: str,
                  batch_size: int, seed: int = 0, buffer_tokens: int = 262_144, read_threads: int = 4,
                  reader: str = "auto", include_first_position: bool = False, device="cpu",
                  shuffle: bool | None = None, verify: bool = True, prefetch_batches: int = 2,
-                 direct_io: bool = False):
+                 direct_io: bool | str = "auto", float32: bool | None = None, gather_threads: int | None = None,
+                 planned_rows: int | None = None):
         arrays = list(arrays)
         if split not in ("train", "validation"):
             raise ValueError(f"split must be 'train' or 'validation', not {split!r}")
         if reader not in ("auto", "mmap", "zarr"):
             raise ValueError(f"reader must be 'auto', 'mmap' or 'zarr', not {reader!r}")
-        if batch_size < 1 or read_threads < 1 or buffer_tokens < 1:
-            raise ValueError("batch_size, read_threads and buffer_tokens must be positive")
+        gather_threads = min(4, os.cpu_count() or 1) if gather_threads is None else gather_threads
+        if min(batch_size, read_threads, buffer_tokens, gather_threads) < 1:
+            raise ValueError("batch_size, read_threads, gather_threads and buffer_tokens must be positive")
+        if planned_rows is not None and planned_rows < 0:
+            raise ValueError(f"planned_rows must be the rows the caller means to read (>= 0), not {planned_rows}")
         if not arrays:
             raise ValueError("the loader needs at least one activation array")
         check_aligned(arrays, token_set)
@@ -148,11 +158,15 @@ class ActivationLoader:
         self.include_first_position, self.verify = bool(include_first_position), bool(verify)
         self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
         self.read_threads, self.prefetch_batches = int(read_threads), int(prefetch_batches)
+        self.gather_threads = int(gather_threads)
         self.device = _resolve_device(device)
         self.n_models, self.d_model = len(arrays), first.d_model
         self.storage_dtype = first.storage_dtype
-        self.dtype = S.TORCH_DTYPE[self.storage_dtype]
         self._np_dtype = S.NUMPY_DTYPE[self.storage_dtype]
+        self.float32 = self.device.type == "cuda" if float32 is None else bool(float32)
+        self.dtype = torch.float32 if self.float32 else S.TORCH_DTYPE[self.storage_dtype]
+        # bfloat16 made float32 on the CPU, by the assembly thread: gathered into a staging buffer first
+        self._convert = self.float32 and self.device.type != "cuda" and self.storage_dtype != "float32"
         self.chunk_rows, self.n_rows = first.chunk_rows, first.n_rows
         self.context_length = token_set.context_length
         n_train = token_set.n_train_sequences * self.context_length
@@ -164,14 +178,20 @@ class ActivationLoader:
         self.rows_per_epoch, self.batches_per_epoch = self._order.rows_per_epoch, self._order.batches_per_epoch
         self.window_chunks, self.window_rows = self._order.window_chunks, self._order.window_rows
 
-        self._crcs, self._readers = open_readers(arrays, reader, self.verify, direct_io)
+        split_bytes = (self.split_rows[1] - self.split_rows[0]) * self.n_models * self.d_model \
+            * np.dtype(self._np_dtype).itemsize
+        passes = 1.0 if planned_rows is None else planned_rows / max(1, self.rows_per_epoch)
+        self.direct_io, self.direct_io_reason = direct_rule(direct_io, split_bytes, passes, memory_available())
+        self._crcs, self._readers = open_readers(arrays, reader, self.verify, self.direct_io)
         self.readers = tuple(r.name for r in self._readers)
 
         self._epoch, self._batch, self._resume = 0, 0, False
         self._executor: ThreadPoolExecutor | None = None
         self._buffers: list[np.ndarray | None] = [None, None]
-        self._out_pool: list[np.ndarray] = []
-        self._out_bytes = self.batch_size * self.n_models * self.d_model * np.dtype(self._np_dtype).itemsize
+        self._out_pool = BufferPool((self.batch_size, self.n_models, self.d_model),
+                                    np.float32 if self.float32 else self._np_dtype, self.prefetch_batches + 4)
+        self._stage: np.ndarray | None = None
+        self._gather_pool: ThreadPoolExecutor | None = None
         self._tls = threading.local()
         self._active: _Pipeline | None = None
 
@@ -225,11 +245,13 @@ class ActivationLoader:
         if self._active is not None:
             self._active.close()
             self._active = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        for pool in (self._executor, self._gather_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._executor = self._gather_pool = None
         self._buffers = [None, None]
-        self._out_pool = []
+        self._out_pool.clear()
+        self._stage = None
 
     def __enter__(self):
         return self
@@ -259,28 +281,26 @@ class ActivationLoader:
     def _read_chunk(self, model: int, chunk: int, buffer: np.ndarray, slot: int) -> None:
         lo = chunk * self.chunk_rows
         hi = min(lo + self.chunk_rows, self.n_rows)
-        dest = buffer[slot * self.chunk_rows: slot * self.chunk_rows + hi - lo, model]
-        data = self._readers[model].read(chunk, lo, hi, dest, self._scratch)
-        if self.verify and data is not None:
-            if not data.flags.c_contiguous:
-                data = self._scratch(hi - lo)
-                np.copyto(data, dest)
-            got, expected = S.crc32(data), self._crcs[model][chunk]
-            if got != expected:
-                raise S.corrupt_chunk(self.arrays[model], chunk, lo, hi, f"fails its checksum: CRC-32 "
-                                      f"{got:#010x}, recorded {expected:#010x}")
+        dest = buffer[model, slot * self.chunk_rows: slot * self.chunk_rows + hi - lo]
+        got = self._readers[model].read(chunk, lo, hi, dest, self._scratch)  # its CRC-32, if verifying
+        if self.verify and got != self._crcs[model][chunk]:
+            expected = self._crcs[model][chunk]
+            raise S.corrupt_chunk(self.arrays[model], chunk, lo, hi, f"fails its checksum: CRC-32 "
+                                  f"{got:#010x}, recorded {expected:#010x}")
 
     def _schedule(self, g: int) -> _LiveWindow:
         epoch, w = divmod(g, self._order.n_windows)
         chunks = self._order.plan(epoch).windows[w]
         if self._buffers[g % 2] is None:
-            self._buffers[g % 2] = aligned_empty((self.window_rows, self.n_models, self.d_model), self._np_dtype)
+            self._buffers[g % 2] = aligned_empty((self.n_models, self.window_rows, self.d_model), self._np_dtype)
         buffer = self._buffers[g % 2]
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.read_threads, thread_name_prefix="mdiff-read")
         futures = [self._executor.submit(self._read_chunk, m, int(self._order.chunk_ids[i]), buffer, slot)
                    for slot, i in enumerate(chunks) for m in range(self.n_models)]
-        return _LiveWindow(epoch, w, buffer, self._order.rows_of_window(epoch, w, chunks)[1], futures)
+        rows = self._order.rows_of_window(epoch, w, chunks)[1]
+        flat = (rows[:, None] + np.arange(self.n_models, dtype=np.int64) * self.window_rows).ravel()
+        return _LiveWindow(epoch, w, buffer, flat, futures)
 
     @staticmethod
     def _release(lw: _LiveWindow) -> None:
@@ -291,25 +311,34 @@ class ActivationLoader:
 
     # assembling (the pipeline thread)
     def _out_buffer(self, n: int) -> tuple[np.ndarray, torch.Tensor]:
+        """(where the batch is gathered, the tensor yielded). Both are the same memory, except when
+        a bfloat16 batch is converted on the CPU: then the gather goes to a staging buffer."""
         shape = (n, self.n_models, self.d_model)
         if self.device.type == "cuda":
             # torch's pinned-memory cache reuses the block once the copy reading it has finished
             host = torch.empty(shape, dtype=torch.uint16 if self.storage_dtype == "bfloat16" else torch.float32,
                                pin_memory=True)
             return host.numpy(), host
-        # A pooled buffer is free when only the pool refers to it: a yielded tensor, and any view
-        # of it, refers to the pool's array (the owner of the memory) through torch.from_numpy's
-        # storage. Buffers are page-aligned like the window buffers: np.take between buffers
-        # aligned differently ran 3x slower here.
-        owner = next((o for o in self._out_pool if sys.getrefcount(o) <= 3), None)
-        if owner is None:
-            owner = np.empty(self._out_bytes + 4096, np.uint8)
-            if len(self._out_pool) < self.prefetch_batches + 4:
-                self._out_pool.append(owner)
-        start = (-owner.ctypes.data) % 4096
-        out = owner[start:start + self._out_bytes].view(self._np_dtype).reshape(
-            self.batch_size, self.n_models, self.d_model)[:n]
+        if self._convert:
+            if self._stage is None:
+                self._stage = aligned_empty((self.batch_size, self.n_models, self.d_model), self._np_dtype)
+            return self._stage[:n], torch.from_numpy(self._out_pool.get()[:n])
+        out = self._out_pool.get()[:n]
         return out, torch.from_numpy(out)
+
+    def _take(self, src: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = src[idx[i]]: whole rows (np.take memcpys each, releasing the GIL), the index split
+        over the assembly thread and gather_threads - 1 helpers: one thread gathered ~8 GB/s here,
+        which alone would cap the loader near 1M tokens/s of 2 x 2048 bfloat16."""
+        k = self.gather_threads if len(idx) >= 256 * self.gather_threads else 1
+        if k > 1 and self._gather_pool is None:
+            self._gather_pool = ThreadPoolExecutor(k - 1, thread_name_prefix="mdiff-gather")
+        cuts = [len(idx) * i // k for i in range(k + 1)]
+        helpers = [self._gather_pool.submit(np.take, src, idx[a:b], 0, out[a:b], "clip")
+                   for a, b in zip(cuts[1:-1], cuts[2:])]
+        np.take(src, idx[:cuts[1]], axis=0, out=out[:cuts[1]], mode="clip")
+        for f in helpers:
+            f.result()
 
     def _produce(self, epoch: int, batch: int, out: queue.Queue, stop: threading.Event) -> None:
         live: dict[int, _LiveWindow] = {}
@@ -345,6 +374,7 @@ class ActivationLoader:
                     if g not in live and (self.shuffle or g < (epoch + 1) * W):
                         live[g] = self._schedule(g)
                 host_np, host = self._out_buffer(e - s)
+                flat_out, M = host_np.reshape(-1, self.d_model), self.n_models
                 pos = 0
                 for w in range(w0, w1 + 1):
                     lw = live[epoch * W + w]
@@ -354,12 +384,17 @@ class ActivationLoader:
                         lw.ready = True
                     a = max(s, int(plan.starts[w])) - int(plan.starts[w])
                     z = min(e, int(plan.starts[w + 1])) - int(plan.starts[w])
-                    np.take(lw.buffer, lw.rows[a:z], axis=0, out=host_np[pos:pos + z - a], mode="clip")
+                    # one take of whole rows (d_model values, memcpy each) from [models * rows, d]
+                    # into [tokens * models, d]: the batch's layout, contiguous
+                    self._take(lw.buffer.reshape(-1, self.d_model), lw.flat[a * M:z * M],
+                               flat_out[pos * M:(pos + z - a) * M])
                     pos += z - a
                 assert pos == e - s
-                if self.storage_dtype == "bfloat16":
+                if self._convert:
+                    host.copy_(torch.from_numpy(host_np).view(torch.bfloat16))  # into a reused buffer
+                elif self.storage_dtype == "bfloat16":
                     host = host.view(torch.bfloat16)
-                del host_np
+                del host_np, flat_out
                 if not put(((epoch, batch), host)):
                     return
                 del host
@@ -386,6 +421,8 @@ class ActivationLoader:
                 del item
                 if self.device.type == "cuda":
                     x = x.to(self.device, non_blocking=True)
+                    if self.float32:
+                        x = x.float()  # on the device, after the copy on the same stream
                 b += 1
                 if b == self.batches_per_epoch:
                     e, b = e + 1, 0

@@ -87,12 +87,21 @@ def open_arrays(cfg: ExperimentConfig, train: TrainSpec):
     return root, ts, hook, names, arrays
 
 
-def make_loader(arrays, ts, train: TrainSpec, split: str, device) -> ActivationLoader:
-    """The shuffled, aligned loader of one split ("train" or "validation") with `train`'s settings."""
+def planned_rows(train: TrainSpec, split: str) -> int:
+    """Rows a run reads from `split`: the loader reads around the page cache when they are a single pass."""
+    if split == "train":
+        return train.steps * train.batch_size
+    return train.eval_batches * train.batch_size * (train.steps // train.eval_every + 1)
+
+
+def make_loader(arrays, ts, train: TrainSpec, split: str, device, rows: int | None = None) -> ActivationLoader:
+    """The shuffled, aligned loader of one split ("train" or "validation") with `train`'s settings.
+    Batches come as float32 (converted in the loader's reused buffers, or on the GPU)."""
     return ActivationLoader(arrays, ts, split=split, batch_size=train.batch_size, seed=train.seed,
                             buffer_tokens=train.buffer_tokens, read_threads=train.read_threads,
                             reader=train.reader, include_first_position=train.include_first_position,
-                            device=device)
+                            device=device, float32=True, direct_io=train.direct_io,
+                            planned_rows=planned_rows(train, split) if rows is None else rows)
 
 
 def new_member(spec: DictionarySpec, train: TrainSpec, n_models: int, d_model: int,
@@ -151,7 +160,7 @@ def resample_due(members: list[Member], step: int, train: TrainSpec, arrays, ts,
     tokens = max(d.sample_tokens for d in due)
     sample = dataclasses.replace(train, seed=R.derived_seed("resample-sample", train.seed, step),
                                  buffer_tokens=min(train.buffer_tokens, tokens))
-    with make_loader(arrays, ts, sample, "train", device) as loader:
+    with make_loader(arrays, ts, sample, "train", device, rows=tokens) as loader:
         resampled = R.resample(due, iter(loader), limit=loader.rows_per_epoch, progress=progress)
     for m, idx in zip(owners, resampled):
         m.tokens_since_fired[idx] = 0

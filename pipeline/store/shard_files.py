@@ -1,17 +1,17 @@
 """Reading an array's shard files directly, without zarr: where each inner chunk's bytes are.
 
 For local uncompressed arrays the loader skips zarr's decoding and reads chunk bytes straight
-from the shard files (`os.preadv` into its buffers), taking from the page cache what it holds
-(RWF_NOWAIT) before deciding how to read the rest. That needs the shard file format, which is
+from the shard files (`os.preadv` into its buffers). This module finds the files, parses and
+checks their indexes, says whether the page cache holds a byte range, and reads bytes. That needs the shard file format, which is
 the store's business: each file ends with its index (per inner chunk two little-endian uint64,
 offset and nbytes, then a crc32c of the index), and a chunk that was never written is absent
-from it. This module finds the files, parses and checks their indexes, and reads bytes; what to
-read into, and when, is the reader's (trainer/readers.py).
+from it. What to read into, and how, is the reader's (trainer/readers.py).
 """
 
 from __future__ import annotations
 
-import errno
+import ctypes
+import mmap
 import os
 import sys
 
@@ -123,29 +123,14 @@ class ShardFiles:
         """A descriptor of the shard file (flags: e.g. os.O_DIRECT); the caller closes it."""
         return os.open(self.shard_file(shard), os.O_RDONLY | flags)
 
-    def read_at(self, fd: int, view: memoryview, offset: int, where, *, cached_only: bool = False) -> int:
-        """Fill `view` from the file at `offset` (`where`: (chunk, lo, hi), for errors); returns the
-        bytes filled.
-
-        `cached_only`: take only what the page cache holds (RWF_NOWAIT), stopping at the first page
-        that would wait for the disk; returns -1 where the kernel or filesystem cannot say."""
+    def read_at(self, fd: int, view: memoryview, offset: int, where) -> None:
+        """Fill `view` from the file at `offset` (`where`: (chunk, lo, hi), for errors)."""
         pos = 0
         while pos < len(view):
-            try:
-                got = (os.preadv(fd, [view[pos:]], offset + pos, os.RWF_NOWAIT) if cached_only
-                       else os.preadv(fd, [view[pos:]], offset + pos))
-            except BlockingIOError:  # EAGAIN: the next page is not cached
-                return pos
-            except OSError as e:
-                if cached_only and e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    return -1
-                raise
+            got = os.preadv(fd, [view[pos:]], offset + pos)
             if got <= 0:
-                if cached_only:
-                    return pos  # a plain read says whether the file is truncated
                 raise self._bad(*where, "is truncated")
             pos += got
-        return pos
 
     def pread(self, shard: int, view: memoryview, offset: int, flags: int, where) -> None:
         """Fill `view` from the shard file at `offset` (`where`: (chunk, lo, hi), for errors)."""
@@ -154,3 +139,43 @@ class ShardFiles:
             self.read_at(fd, view, offset, where)
         finally:
             os.close(fd)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        return libc
+    except (OSError, AttributeError):  # pragma: no cover - not a POSIX libc
+        return None
+
+
+_LIBC = _libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def page_cache_holds(fd: int, offset: int, length: int) -> bool | None:
+    """Whether every page of bytes [offset, offset + length) of the file is in the page cache,
+    asked without reading (mincore on a mapping that is never touched); None where it cannot be
+    told. A read with RWF_NOWAIT would answer too, but on a miss it starts the kernel's readahead
+    (2 MiB measured here): pages the caller meant to read with O_DIRECT, read twice."""
+    if _LIBC is None or length <= 0:
+        return None
+    page = mmap.PAGESIZE
+    start = offset - offset % page
+    span = offset + length - start
+    addr = _LIBC.mmap(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, _MAP_FAILED):
+        return None
+    try:
+        n = -(-span // page)
+        vec = (ctypes.c_ubyte * n)()
+        if _LIBC.mincore(addr, span, vec) != 0:
+            return None
+        return bool((np.frombuffer(vec, np.uint8) & 1).all())
+    finally:
+        _LIBC.munmap(addr, span)
