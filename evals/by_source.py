@@ -36,7 +36,7 @@ import torch
 
 from pipeline import store as S
 
-from .activations import activation_stats
+from .activations import store_batches
 from .decoder_norms import NormAnalysis
 
 
@@ -182,28 +182,45 @@ def check_source_preference(a: NormAnalysis, model: int, freq_a: np.ndarray, fre
 @torch.no_grad()
 def validation_frequencies(dictionary, arrays: list[S.ActivationArray], token_set: S.TokenSet,
                            source_a: int, source_b: int, *, include_first_position: bool = False,
-                           device="cpu") -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+                           max_rows: int | None = 262_144, batch_rows: int = 8192, device="cpu",
+                           progress: bool = False) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Per-latent firing frequency of a crosscoder on the validation tokens of two sources.
 
+    Streams the first `max_rows` validation rows (None: the whole split; memory is one batch).
     Returns (freq on a, freq on b, (tokens of a, tokens of b)). Reads only the validation split.
     """
     ctx = token_set.context_length
     first = token_set.n_train_sequences
     n_seq = token_set.n_sequences - first
+    if max_rows is not None:
+        n_seq = min(n_seq, -(-max_rows // ctx))
     if n_seq <= 0:
         raise ValueError(f"token set {token_set.id} has no validation sequences")
-    labels = np.asarray(token_set.source[first:first + n_seq])
-    rows = [S.read_rows(arr, first * ctx, (first + n_seq) * ctx).float() for arr in arrays]
-    keep = np.ones(n_seq * ctx, bool)
-    if not include_first_position:
-        keep[::ctx] = False
-    out, counts = [], []
-    for src in (source_a, source_b):
-        mask = torch.from_numpy(keep & np.repeat(labels == src, ctx))
-        if not bool(mask.any()):
+    labels = torch.as_tensor(np.asarray(token_set.source[first:first + n_seq], dtype=np.int64))
+    fired = torch.zeros(2, dictionary.n_latents, dtype=torch.float64)
+    tokens = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in store_batches(arrays, np.asarray(token_set.tokens[first:first + n_seq]), first * ctx,
+                                   batch_rows=batch_rows, include_first_position=include_first_position,
+                                   progress=progress):
+            label = labels[batch.rows // ctx]
+            f = dictionary.encode(torch.stack([x.to(device) for x in batch.inputs], 1)).cpu()
+            for i, src in enumerate((source_a, source_b)):
+                sel = label == src
+                tokens[i] += sel.sum()
+                fired[i] += (f[sel] > 0).sum(0)
+    for i, src in enumerate((source_a, source_b)):
+        if tokens[i] == 0:
             raise ValueError(f"token set {token_set.id} has no validation tokens from source {src}")
-        acts = {str(i): x[mask] for i, x in enumerate(rows)}
-        stats = activation_stats(dictionary, acts, device=device)
-        out.append(stats.freq[0])
-        counts.append(int(mask.sum()))
-    return out[0], out[1], (counts[0], counts[1])
+    freq = (fired / tokens[:, None]).numpy()
+    return freq[0], freq[1], (int(tokens[0]), int(tokens[1]))
+
+
+def source_names(attrs: dict) -> list[str]:
+    """Readable names of a token set's sources: the dataset name or the files' base names."""
+    out = []
+    for i, d in enumerate(attrs.get("sources") or []):
+        files = [f[0] for f in d.get("files") or [] if isinstance(f, list) and f]
+        name = d.get("name") or ", ".join(files[:2]) + (" ..." if len(files) > 2 else "") or f"source {i}"
+        out.append(name if name not in out else f"{name} ({i})")
+    return out

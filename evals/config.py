@@ -30,7 +30,10 @@ class TokenClassSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     dictionaries: list[str] = field(default_factory=list)  # names from [train]; default: all
-    n_sequences: int = 256  # validation sequences spliced per model
+    n_sequences: int = 256  # validation sequences spliced per model (each costs model forwards)
+    # validation rows (tokens) the store-only analyses stream over (firing frequencies, per-text
+    # preferences and reconstruction, top contexts); the whole split when it is smaller
+    scan_rows: int = 262_144
     batch_size: int = 8  # sequences per forward pass
     # which relative decoder norm sorts a 2-model crosscoder's latents into classes (both are written
     # per latent): "r" = |d_B| / (|d_A| + |d_B|) (Anthropic; Kissane et al.), "delta" = Minder et al.'s
@@ -101,6 +104,7 @@ def rules() -> dict[type, Check]:
 
 def _check_eval(values: dict, where: str, errors: list[str]) -> None:
     for key, minimum, why in [("n_sequences", 1, "validation sequences to splice; use e.g. 256"),
+                              ("scan_rows", 1, "validation tokens the store analyses read; use e.g. 262144"),
                               ("batch_size", 1, "sequences per forward pass"),
                               ("top_latents", 1, "latents listed in the page and CSV"),
                               ("contexts_per_latent", 1, "snippets per latent"),

@@ -45,8 +45,10 @@ from trainer.trained import open_trained
 
 from . import latent_page as P
 from .activations import JOINT, ActivationStats, context_snippets, rank_increase, scan_activations, store_batches
+from .by_source import source_names
 from .decoder_norms import DELTA, FORMULAS, NormAnalysis, R, decoder_norm_analysis, norm_table, rank_specific
 from .plots import norm_svgs, write_activation_scatter, write_norm_plots
+from .stored_reconstruction import reconstruction_by_source
 from .token_classes import TokenTable, token_table
 
 
@@ -79,8 +81,8 @@ def transfer_factor(scale_a: float, scale_b: float, units: str) -> float:
     raise ValueError(f"transfer_units must be 'source' or 'stored', got {units!r}")
 
 
-def _open_inputs(dict_dir: Path, cfg: ExperimentConfig, n_sequences: int, device, log,
-                 units: str) -> _Inputs:
+def _open_inputs(dict_dir: Path, cfg: ExperimentConfig, n_sequences: int | None, device, log,
+                 units: str, scan_rows: int) -> _Inputs:
     trained = open_trained(dict_dir, cfg, device=device)
     meta, name, dictionary, root, ts = (trained.meta, trained.name, trained.dictionary, trained.root,
                                         trained.token_set)
@@ -110,6 +112,8 @@ def _open_inputs(dict_dir: Path, cfg: ExperimentConfig, n_sequences: int, device
                    "transfer_units = 'source')" if units == "source" else
                    f"as stored, in {m.name}'s own normalization (transfer_units = 'stored')"))
     first = ts.n_train_sequences
+    if n_sequences is None:
+        n_sequences = -(-scan_rows // ts.context_length)
     n_seq = min(n_sequences, ts.n_sequences - first)
     if n_seq <= 0:
         raise ValueError(f"token set {ts.id} has no validation sequences to analyse")
@@ -148,7 +152,10 @@ def analyse_dictionary(dict_dir: str | Path, cfg: ExperimentConfig, eval_spec: E
     activation_scatter.png, and latents.html with the latents that fire more (and less) on each B.
     Always diff.json: the summary, also returned.
 
-    The first `n_sequences` (default: eval_spec.n_sequences) validation sequences are scanned.
+    The first `n_sequences` validation sequences are scanned (default: as many as hold
+    eval_spec.scan_rows tokens, the whole split when it is smaller). The same rows give
+    `reconstruction_by_source` (evals/stored_reconstruction.py): explained variance per model and
+    per token-set source, with no forward pass.
     `tokenizer` is the token set's tokenizer (or a TokenTable); `log` gets notes (skipped models,
     the units other models are fed in).
     """
@@ -159,7 +166,7 @@ def analyse_dictionary(dict_dir: str | Path, cfg: ExperimentConfig, eval_spec: E
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = M.resolve_device(device)
-    inp = _open_inputs(Path(dict_dir), cfg, n_sequences or spec.n_sequences, dev, log, spec.transfer_units)
+    inp = _open_inputs(Path(dict_dir), cfg, n_sequences, dev, log, spec.transfer_units, spec.scan_rows)
     dictionary, meta, name, columns = inp.dictionary, inp.meta, inp.name, inp.columns
     is_cc = dictionary.n_models > 1
     table = token_table(tokenizer)
@@ -188,11 +195,13 @@ def analyse_dictionary(dict_dir: str | Path, cfg: ExperimentConfig, eval_spec: E
     else:
         track = {c: None for c in columns}
 
+    def batches(progress: bool = False):
+        return store_batches(inp.arrays, inp.tokens, inp.first_seq * ctx,
+                             batch_rows=max(256, min(16384, (1 << 24) // dictionary.n_latents)),
+                             include_first_position=inp.include_first, progress=progress, factors=inp.factors)
+
     result = scan_activations(
-        dictionary,
-        store_batches(inp.arrays, inp.tokens, inp.first_seq * ctx,
-                      batch_rows=max(256, min(16384, (1 << 24) // dictionary.n_latents)),
-                      include_first_position=inp.include_first, progress=progress, factors=inp.factors),
+        dictionary, batches(progress),
         columns=columns, class_lookups={c.name: table.lookup(c) for c in spec.token_classes},
         top_k=spec.contexts_per_latent, track=track, device=dev)
     stats = result.stats
@@ -201,6 +210,10 @@ def analyse_dictionary(dict_dir: str | Path, cfg: ExperimentConfig, eval_spec: E
     summary["silent_on_eval"] = int(silent.sum())
     summary["silent_on_eval_tokens"] = stats.n_tokens
     summary["token_classes"] = {c: s.n_tokens for c, s in stats.by_class.items()}
+    first = inp.token_set.n_train_sequences
+    summary["reconstruction_by_source"] = reconstruction_by_source(
+        dictionary, batches, np.asarray(inp.token_set.source[first:first + len(inp.tokens)]),
+        source_names(inp.token_set.attrs), columns, list(meta["models"]), ctx, device=dev)
     if is_cc:
         if analysis is None:
             definition = f"silent on the {stats.n_tokens} scanned validation tokens (no training record)"

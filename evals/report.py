@@ -15,8 +15,11 @@ command line, ``python -m evals.report EVAL_DIR... --out DIR``.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from pipeline.records import atomic_write_text
 
 from .report_rows import Row, aggregate, collect
 from .report_tables import format_table, write_csv, write_latex, write_markdown
@@ -29,17 +32,38 @@ def write_report(eval_dirs: list[Path], out_dir: Path) -> dict[str, Path]:
 
     Returns {"csv": ..., "md": ..., "tex": ...}.
     """
-    return _write_all(aggregate(collect(eval_dirs)), out_dir)
+    return _write_all(aggregate(collect(eval_dirs)), out_dir, eval_dirs)
 
 
-def _write_all(rows: Sequence[Row], out_dir: Path) -> dict[str, Path]:
+# what each dictionary's evaluation folder may hold for a reader, in the order they are listed
+_PAGES = (("browser/index.html", "latent browser"), ("latents.html", "most specific latents"),
+          ("relative_norms.png", "relative decoder norms"), ("latent_scaling.png", "Latent Scaling"),
+          ("activation_scatter.png", "firing on each model"))
+
+
+def links_markdown(eval_dirs: Sequence[Path], out_dir: Path) -> str:
+    """A "Where to look" section: each dictionary's pages and each experiment's lens, linked
+    relative to the report so the folder can be moved or archived whole."""
+    lines = []
+    for ev in map(Path, eval_dirs):
+        lens = ev / "diff_lens" / "diff_lens.md"
+        if lens.exists():
+            lines.append(f"- {ev.name}: [activation-difference lens]({os.path.relpath(lens, out_dir)})")
+        for sub in sorted(p for p in ev.iterdir() if (p / "splice.json").exists()):
+            found = [f"[{what}]({os.path.relpath(sub / f, out_dir)})" for f, what in _PAGES if (sub / f).exists()]
+            if found:
+                lines.append(f"- {sub.name}: " + ", ".join(found))
+    return "\n## Where to look\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def _write_all(rows: Sequence[Row], out_dir: Path, eval_dirs: Sequence[Path] = ()) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return {
-        "csv": write_csv(rows, out / "report.csv"),
-        "md": write_markdown(rows, out / "report.md"),
-        "tex": write_latex(rows, out / "report.tex"),
-    }
+    md = write_markdown(rows, out / "report.md")
+    links = links_markdown(eval_dirs, out)
+    if links:
+        atomic_write_text(md, md.read_text() + links)
+    return {"csv": write_csv(rows, out / "report.csv"), "md": md, "tex": write_latex(rows, out / "report.tex")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="where to write report.csv/.md/.tex")
     args = p.parse_args(argv)
     rows = aggregate(collect(args.eval_dirs))
-    paths = _write_all(rows, args.out)
+    paths = _write_all(rows, args.out, args.eval_dirs)
     print(format_table(rows))
     for p_ in paths.values():
         print(p_)

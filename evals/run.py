@@ -57,7 +57,7 @@ def run_eval(cfg: ExperimentConfig, progress: bool = True, log=print,
                                      batch_size=ev.batch_size, device=device, out_dir=out / name,
                                      progress=progress, models_cache=models_cache)
         diff = analyse_dictionary(dict_dir, cfg, ev, out / name, tokenizer,
-                                  n_sequences=ev.n_sequences, device=device, progress=progress, log=log)
+                                  device=device, progress=progress, log=log)  # scans ev.scan_rows
         results[name] = {"splice": splice, "diff": diff}
         if ev.latent_scaling is not None and len(diff["models"]) > 1:
             results[name]["latent_scaling"] = run_latent_scaling(dict_dir, cfg, ev.latent_scaling, out / name,

@@ -32,20 +32,29 @@ import torch
 
 from mdiff import prepare as P
 from mdiff.corpora import Corpora, prepare_corpora
+from mdiff.demo_checks import (
+    BASE,
+    SOURCES,
+    TUNED,
+    LensCheck,
+    ScalingCheck,
+    lens_check,
+    print_checks,
+    print_reconstruction,
+    scaling_check,
+)
 from mdiff.finetune import FinetuneSpec, finetune, heldout_windows, lm_loss, relative_move, token_stream
 from pipeline.config_files import write_config
 from pipeline.records import atomic_write_text
 
-BASE, TUNED = "base", "kjv"  # model names in the experiment; "kjv" is the fine-tuned one
 HOOK_LAYER = 12  # of 30; resid_post. Layers 6..12 are the ones the fine-tune changes
 FINETUNE = FinetuneSpec(steps=100, lr=3e-4, warmup_steps=10, batch_size=4, seq_len=64, first_layer=6,
                         train_layers=HOOK_LAYER + 1, seed=0, checkpoint_every=25, anchor_weight=30.0,
                         anchor_layer=HOOK_LAYER, anchor_batch_size=4)
-SOURCES = ("kjv", "austen")  # token-set source 0 and 1, in the order `experiment` lists them
 
 # the dictionaries each experiment trains (name -> [[train.dictionaries]] keys besides n_latents):
 # two crosscoders on both models, a BatchTopK SAE on the base model
-BATCHTOPK_K32 = {"architecture": "batchtopk", "k": 32}
+BATCHTOPK_K32 = {"architecture": "batchtopk", "k": 32, "k_start": 128, "k_schedule_steps": 800}
 L1 = {"architecture": "relu", "l1_coefficient": 1.0, "l1_warmup_steps": 100, "resample_dead_every": 250,
       "resample_sample_tokens": 16384}
 CROSSCODERS = {"batchtopk-k32": BATCHTOPK_K32, "l1": L1}
@@ -60,8 +69,10 @@ class DemoResult:
     report: dict[str, Path]
     table: str  # the report table as printed
     finetune: dict  # held-out loss per text and model
-    checks: list = field(default_factory=list)
+    checks: list = field(default_factory=list)  # check 2 per crosscoder (evals.by_source.SourceCheck)
     timings: dict[str, float] = field(default_factory=dict)
+    lens: LensCheck | None = None  # check 1
+    scaling: list[ScalingCheck] = field(default_factory=list)  # check 3 per crosscoder
 
 
 @contextlib.contextmanager
@@ -76,21 +87,34 @@ def _timed(timings: dict[str, float], stage: str, log):
 
 
 def write_configs(directory: Path, base: Path, tuned: Path, corpora: Corpora, *, layer: int = HOOK_LAYER,
-                  n_tokens: int = 65_536, n_latents: int = 512, batch_size: int = 256, steps: int = 2400,
-                  lr: float = 1e-3) -> tuple[Path, Path]:
+                  n_tokens: int = 196_608, validation_fraction: float = 0.375, n_latents: int = 512,
+                  batch_size: int = 256, steps: int = 2400, lr: float = 1e-3,
+                  splice_sequences: int = 32) -> tuple[Path, Path]:
     """The crosscoder experiment and the SAE experiment: one store, one token set, two [train]s.
-    The defaults are the demo's; the tests shrink them."""
+    The defaults are the demo's; the tests shrink them.
+
+    73,728 validation tokens (about 37k per text) are what the store-only analyses read (explained
+    variance per text, firing frequencies, Latent Scaling, the browser). Splicing runs the models
+    (four variants per dictionary and model), about 560 tokens/s for SmolLM2-135M on the 2-core
+    CPU, so ΔCE and KL use `splice_sequences` of 128 tokens: 32 cost about 3 minutes over the
+    three dictionaries; the whole validation split would cost over an hour."""
     paths = []
     for name, out_dir, models, dictionaries in (("demo-crosscoders", "crosscoders", [BASE, TUNED], CROSSCODERS),
                                                 ("demo-sae", "sae", [BASE], SAE)):
         path = directory / f"{name}.toml"
-        config = experiment(name, directory / "store", base, tuned, corpora, layer=layer, n_tokens=n_tokens)
+        config = experiment(name, directory / "store", base, tuned, corpora, layer=layer, n_tokens=n_tokens,
+                            validation_fraction=validation_fraction)
         config["train"] = {"out_dir": out_dir, "models": models, "batch_size": batch_size, "steps": steps, "lr": lr,
                            "lr_warmup_steps": 50, "lr_decay_fraction": 0.3, "dead_after_tokens": 100_000,
                            "log_every": 25, "eval_every": 250, "checkpoint_every": 250, "buffer_tokens": 32768,
                            "read_threads": 2,
                            "dictionaries": [{"name": n, **keys, "n_latents": n_latents} for n, keys in dictionaries.items()]}
-        config["eval"] = {"n_sequences": 8, "batch_size": 8, "top_latents": 20, "contexts_per_latent": 6}
+        config["eval"] = {"n_sequences": splice_sequences, "batch_size": 8, "top_latents": 20,
+                          "contexts_per_latent": 6}
+        if len(models) == 2:  # the fine-tuning analyses of the pair
+            config["eval"]["latent_scaling"] = {"base": BASE, "ft": TUNED}
+            config["eval"]["diff_lens"] = {"base": BASE, "ft": TUNED, "layer": -1, "n_positions": 5,
+                                           "n_sequences": 256, "text_paths": [str(corpora.austen.resolve())]}
         paths.append(write_config(path, config, header=(
             f"Written by `mdiff demo`; rerun any stage with `mdiff <stage> {path}`.\n"
             f"[[tokens.sources]]: source 0 is Bible text the fine-tune never saw, source 1 the other domain.")))
@@ -98,7 +122,7 @@ def write_configs(directory: Path, base: Path, tuned: Path, corpora: Corpora, *,
 
 
 def experiment(name: str, store: Path, base: Path, tuned: Path, corpora: Corpora, *, layer: int,
-               n_tokens: int) -> dict:
+               n_tokens: int, validation_fraction: float = 0.375) -> dict:
     """Both models at one hook over one token set: the part both experiments share."""
     texts = (corpora.kjv_new, corpora.austen)  # in the order of SOURCES
     return {
@@ -106,7 +130,7 @@ def experiment(name: str, store: Path, base: Path, tuned: Path, corpora: Corpora
         "models": [{"name": BASE, "path": str(base.resolve()), "dtype": "float32"},
                    {"name": TUNED, "path": str(tuned.resolve()), "dtype": "float32"}],
         "hooks": [{"layer": layer, "site": "resid_post"}],
-        "tokens": {"context_length": 128, "n_tokens": n_tokens, "validation_fraction": 0.125, "seed": 0,
+        "tokens": {"context_length": 128, "n_tokens": n_tokens, "validation_fraction": validation_fraction, "seed": 0,
                    "sources": [{"kind": "text", "paths": [str(t.resolve())], "weight": 1.0} for t in texts]},
         "cache": {"storage_dtype": "bfloat16", "chunk_tokens": 1024, "shard_tokens": 16384, "batch_size": 16,
                   "scale_sample_tokens": 16384},
@@ -198,25 +222,47 @@ def train_and_eval(config: Path, progress: bool, log, timings: dict, tag: str) -
     return ev
 
 
-def source_checks(config: Path, log=print) -> list:
-    """The finding: for each crosscoder, do latents specific to the fine-tuned model prefer the
-    fine-tuning domain's tokens over the other text's?"""
+def source_checks(config: Path, eval_dir: Path, log=print) -> tuple[list, list[ScalingCheck]]:
+    """Checks 2 and 3 (mdiff/demo_checks.py) for each crosscoder: do latents specific to the
+    fine-tuned model prefer the fine-tuning domain's tokens over the other text's, and are its
+    exclusive latents genuine by Latent Scaling? One streaming pass per crosscoder gives the
+    per-source frequencies of both (the validation tokens the evaluation scans)."""
     from evals.by_source import check_source_preference, validation_frequencies
     from evals.decoder_norms import decoder_norm_analysis
     from mdiff.config import load_config
     from trainer.trained import open_trained
 
     cfg = load_config(config)
-    checks = []
+    checks, scaling = [], []
     for spec in cfg.train.dictionaries:
         trained = open_trained(Path(cfg.train.out_dir) / spec.name, cfg)
         # latents dead in training are left out: their untrained decoders would sit in "shared"
         analysis = decoder_norm_analysis(trained.dictionary.W_dec, trained.models, cfg.eval,
                                          dead=trained.dead_mask(), dead_definition="dead in training")
-        fa, fb, tokens = validation_frequencies(trained.dictionary, trained.arrays, trained.token_set, 0, 1)
+        fa, fb, tokens = validation_frequencies(trained.dictionary, trained.arrays, trained.token_set, 0, 1,
+                                                max_rows=cfg.eval.scan_rows)
         checks.append(check_source_preference(analysis, trained.models.index(TUNED), fa, fb,
                                               sources=SOURCES, tokens=tokens, dictionary=spec.name))
-    return checks
+        scaling_json = eval_dir / spec.name / "latent_scaling.json"
+        if scaling_json.exists():
+            scaling.append(scaling_check(scaling_json, fa, fb, spec.name))
+    return checks, scaling
+
+
+def demo_lens_check(config: Path, eval_dir: Path, corpora: Corpora) -> LensCheck | None:
+    """Check 1 from the evaluation's lens output, scored against the demo's texts."""
+    from mdiff.config import load_config
+    from pipeline import models as M
+
+    lens_json = eval_dir / "diff_lens" / "diff_lens.json"
+    if not lens_json.exists():
+        return None
+    cfg = load_config(config)
+    tokenizer = M.load_tokenizer(cfg.model(TUNED))
+    bible = corpora.kjv_old.read_text(encoding="utf-8") + corpora.kjv_new.read_text(encoding="utf-8")
+    austen_texts = [p for p in (corpora.austen, corpora.anchor) if p is not None]
+    austen = "".join(p.read_text(encoding="utf-8") for p in austen_texts)
+    return lens_check(lens_json, tokenizer, bible, austen, corpora.austen.read_text(encoding="utf-8"))
 
 
 def run_demo(directory: str | Path = "runs/demo", *, kjv: str | Path | None = None,
@@ -240,7 +286,9 @@ def run_demo(directory: str | Path = "runs/demo", *, kjv: str | Path | None = No
     timings["cpu total"] = round(time.process_time() - c0, 1)
     timings["load average at the end"] = round(os.getloadavg()[0], 2)
     (d / "demo-result.json").write_text(json.dumps(
-        {"timings": timings, "finetune_heldout_loss": losses, "checks": [c.as_dict() for c in result.checks]},
+        {"timings": timings, "finetune_heldout_loss": losses, "checks": [c.as_dict() for c in result.checks],
+         "lens_check": None if result.lens is None else result.lens.as_dict(),
+         "scaling_checks": [c.as_dict() for c in result.scaling]},
         indent=1, default=str))
     print_summary(result, log)
     return result
@@ -260,8 +308,9 @@ def run_pipeline(d: Path, base: Path, tuned: Path, corpora: Corpora, losses: dic
         report = write_report(eval_dirs, d / "report")
         table = format_table(aggregate(collect(eval_dirs)))
     with _timed(timings, "finding check", log):
-        checks = source_checks(configs[0], log)
-    return DemoResult(d, list(configs), eval_dirs, report, table, losses, checks, timings)
+        checks, scaling = source_checks(configs[0], eval_dirs[0], log)
+        lens = demo_lens_check(configs[0], eval_dirs[0], corpora)
+    return DemoResult(d, list(configs), eval_dirs, report, table, losses, checks, timings, lens, scaling)
 
 
 # ------------------------------------------------------------------------------------ printing
@@ -283,7 +332,11 @@ def print_summary(r: DemoResult, log=print) -> None:
     log("== Report ==")
     log(r.table)
     log("")
-    log("== Finding: do latents specific to the fine-tuned model fire more on Bible text than on Austen? ==")
+    print_reconstruction(r.eval_dirs, log)
+    log("")
+    print_checks(r.lens, [], log=log)
+    log("")
+    log("== Check: do latents specific to the fine-tuned model fire more on Bible text than on Austen? ==")
     log("  preference p = f(kjv) / (f(kjv) + f(austen)) per latent, f = firing frequency on validation "
         "tokens of each text; 0.5 = no preference")
     for c in r.checks:
@@ -295,11 +348,14 @@ def print_summary(r: DemoResult, log=print) -> None:
         verdict = {True: "YES", False: "NO", None: "NO ANSWER"}[c.holds]
         log(f"    -> {verdict} ({c.test} test): {c.reason}")
     log("")
+    print_checks(None, r.scaling, log=log, lens_part=False)
+    log("")
     log("== Where to look ==")
     for ev in r.eval_dirs:
         for sub in sorted(p for p in ev.iterdir() if p.is_dir()):
-            files = [f for f in ("relative_norms.png", "shared_cosine.png", "activation_scatter.png",
-                                 "latents.html", "relative_norms.html") if (sub / f).exists()]
+            files = [f for f in ("browser/index.html", "latents.html", "relative_norms.png", "latent_scaling.png",
+                                 "shared_cosine.png", "activation_scatter.png", "relative_norms.html",
+                                 "diff_lens.md") if (sub / f).exists()]
             log(f"  {sub}: {', '.join(files)}")
     for kind, path in r.report.items():
         log(f"  report {kind}: {path}")

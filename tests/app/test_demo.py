@@ -393,8 +393,14 @@ def test_demo_pipeline_on_tiny_models_prints_the_finding(pipeline_run):
     assert r.report["md"].exists() and "sae-batchtopk-k32" in r.table
     lines: list[str] = []
     Demo.print_summary(r, lines.append)
-    assert any(line.startswith("== Finding:") for line in lines)
-    assert sum(line.strip().startswith("-> ") for line in lines) == 2  # one verdict per crosscoder
+    # three checks: the lens once, source preference and Latent Scaling per crosscoder
+    assert r.lens is not None and r.lens.n_sequences == 256 and len(r.lens.tokens) > 0
+    assert [c.dictionary for c in r.scaling] == ["batchtopk-k32", "l1"]
+    assert sum(line.strip().startswith("-> ") for line in lines) == 1 + 2 + 2
+    assert any(line.startswith("== Check: the activation-difference lens") for line in lines)
+    recon = [line for line in lines if line.strip().startswith(("batchtopk-k32", "l1", "sae-batchtopk-k32"))
+             and " all " in line and "austen" in line]
+    assert len(recon) == 2 + 2 + 2  # every dictionary on each model, per text
     assert any("base 3.000 -> kjv 2.500 (-0.500)" in line for line in lines)
 
 

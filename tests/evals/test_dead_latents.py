@@ -145,7 +145,7 @@ def test_crosscoder_classes_and_histogram_leave_dead_latents_out(run, tmp_path, 
     spec = EvalSpec(n_sequences=N_SEQ, top_latents=4, contexts_per_latent=2, context_tokens=2)
     notes = []
     summary = D.analyse_dictionary(run["dir"], run["cfg"], spec, tmp_path, run["tok"], progress=False,
-                                   log=notes.append)
+                                   log=notes.append, n_sequences=N_SEQ)
     silent = ~(codes(run, N_SEQ) > 0).any(0)
     excluded = mask if record else silent  # the training definition when known, else silent on the scan
     expected = _expected_classes(run, excluded)

@@ -344,7 +344,7 @@ def trained(tmp_path_factory):
     return d, fx["tokenizer"], out
 
 
-SPEC = EvalSpec(n_sequences=12, top_latents=6, contexts_per_latent=3, context_tokens=3,
+SPEC = EvalSpec(n_sequences=12, scan_rows=400, top_latents=6, contexts_per_latent=3, context_tokens=3,
                 token_classes=[TokenClassSpec("chat", "special"), TokenClassSpec("punct", "regex", [r"[.!?]"])])
 
 
@@ -356,7 +356,7 @@ def _validation_codes(cfg, dict_dir, models):
     root = S.StoreRoot(cfg.store)
     ts = S.open_token_set(root, meta["tokenset_id"])
     first, ctx = ts.n_train_sequences, ts.context_length
-    n = min(SPEC.n_sequences, ts.n_sequences - first)
+    n = min(-(-SPEC.scan_rows // ctx), ts.n_sequences - first)  # whole sequences holding scan_rows
     tokens = np.asarray(ts.tokens[first:first + n]).reshape(-1)
     arrays = [S.open_activation_array(root, p) for p in models]
     xs = [S.read_rows(a, first * ctx, (first + n) * ctx).float() for a in arrays]

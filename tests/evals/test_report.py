@@ -344,3 +344,20 @@ def test_conventions_of_the_analyses_are_named(tmp_path):
     assert "fed their activations in source units" in md and "relative decoder norm delta" in md
     tex = write_latex(rows, tmp_path / "report.tex").read_text()
     assert "in source units" in tex and "relative decoder norm delta" in tex
+
+
+def test_report_links_the_pages_that_exist(eval_dirs, tmp_path):
+    ev = eval_dirs[0]
+    dictionary = next(p for p in sorted(ev.iterdir()) if (p / "splice.json").exists())
+    (dictionary / "browser").mkdir()
+    (dictionary / "browser" / "index.html").write_text("<html></html>")
+    (dictionary / "latent_scaling.png").write_bytes(b"png")
+    (ev / "diff_lens").mkdir()
+    (ev / "diff_lens" / "diff_lens.md").write_text("# lens")
+    md = write_report(eval_dirs, tmp_path / "report")["md"].read_text()
+    section = md.split("## Where to look", 1)[1]
+    assert "[activation-difference lens](../exp2/evals/diff_lens/diff_lens.md)" in section
+    link = f"[latent browser](../exp2/evals/{dictionary.name}/browser/index.html)"
+    assert f"- {dictionary.name}: {link}, [Latent Scaling](../exp2/evals/{dictionary.name}/latent_scaling.png)" in section
+    assert "latents.html" not in section  # pages that do not exist are not linked
+    assert (tmp_path / "report" / "../exp2/evals/diff_lens/diff_lens.md").resolve().exists()

@@ -97,7 +97,7 @@ def analyse(pair, tmp_path, units: str):
     spec = EvalSpec(n_sequences=N_SEQ, top_latents=N_LATENTS, contexts_per_latent=1, context_tokens=1,
                     transfer_units=units)
     summary = D.analyse_dictionary(pair["dir"], pair["cfg"], spec, tmp_path / units, pair["tok"], progress=False,
-                                   log=notes.append)
+                                   log=notes.append, n_sequences=N_SEQ)
     with (tmp_path / units / "activation_stats.csv").open() as fh:
         rows = [r for r in csv.DictReader(fh) if r["ranking"] == "mean"]
     return summary, rows, notes
