@@ -71,10 +71,15 @@ def _repair(cfg, args) -> int:
 
 def cmd_train(args) -> int:
     from mdiff.config import load_config
+    from trainer.distributed import DistributedError
     from trainer.train import run_train
 
     cfg = load_config(args.config)
-    report = run_train(cfg, resume=args.resume, progress=not args.no_progress)
+    try:  # launched on several processes, one of which stopped: a clear message, no traceback
+        report = run_train(cfg, resume=args.resume, progress=not args.no_progress)
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(f"dictionaries and metrics.jsonl in {report.out_dir}")
     return 0
 

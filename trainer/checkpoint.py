@@ -4,6 +4,12 @@ A checkpoint is a folder written under a temporary name and renamed into place, 
 is replaced (atomically too) only after that, so a run killed while checkpointing resumes from the
 previous one; a write that fails (a full disk) removes its temporary folder and says so, and the
 previous checkpoint stays the one `--resume` takes.
+
+A checkpoint holds the whole run whatever the number of processes that wrote it (one part per
+dictionary, the full batch position, the full counters), so any number can resume from it. When
+processes train different dictionaries, the others stage their parts (`stage_parts`) beside the
+checkpoints and the main process moves them into the checkpoint it writes (`staged=True`): the
+folders must be on a file system all of them see.
 """
 
 from __future__ import annotations
@@ -48,25 +54,53 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _write_parts(where: Path, parts: dict[str, dict]) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    for name, part in parts.items():
+        d = where / name
+        d.mkdir(parents=True)
+        for stem, tensors in part["tensors"].items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(d / f"{stem}.safetensors"))
+        (d / "state.json").write_text(json.dumps(part["json"], indent=1))
+
+
+def _staged(directory: Path, step: int) -> list[Path]:
+    return sorted(directory.glob(f".staged_step_{step:09d}_rank*"))
+
+
+def stage_parts(directory: Path, step: int, rank: int, parts: dict[str, dict]) -> None:
+    """Another process's parts of checkpoint `step`, for the main process's `save_checkpoint(...,
+    staged=True)` to move in."""
+    directory.mkdir(parents=True, exist_ok=True)
+    where = directory / f".staged_step_{step:09d}_rank{rank}"
+    shutil.rmtree(where, ignore_errors=True)
+    try:
+        where.mkdir()
+        _write_parts(where, parts)
+    except Exception as e:
+        shutil.rmtree(where, ignore_errors=True)
+        raise _write_error(directory, step, parts, e) from e
+
+
 def save_checkpoint(directory: Path, step: int, parts: dict[str, dict], state: dict,
-                    keep: int = 2) -> Path:
-    """`parts`: name -> {"tensors": {file stem: {key: tensor}}, "json": {...}}."""
+                    keep: int = 2, staged: bool = False) -> Path:
+    """`parts`: name -> {"tensors": {file stem: {key: tensor}}, "json": {...}}; with `staged`,
+    plus the parts other processes staged for this step."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:09d}"
-    for stale in (*directory.glob(".*.partial"), *directory.glob(".tmp_step_*")):  # a run killed mid-write
+    stale_staged = [p for p in directory.glob(".staged_step_*") if p not in _staged(directory, step)]
+    for stale in (*directory.glob(".*.partial"), *directory.glob(".tmp_step_*"), *stale_staged):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
 
     def write(tmp: Path) -> None:
-        for name, part in parts.items():
-            d = tmp / name
-            d.mkdir(parents=True)
-            for stem, tensors in part["tensors"].items():
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                          str(d / f"{stem}.safetensors"))
-            (d / "state.json").write_text(json.dumps(part["json"], indent=1))
+        _write_parts(tmp, parts)
+        for folder in _staged(directory, step) if staged else ():
+            for d in folder.iterdir():
+                shutil.move(str(d), str(tmp / d.name))
         # written last: a folder without it was never finished
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         shutil.rmtree(final, ignore_errors=True)  # only now: a failed write leaves it alone
@@ -76,6 +110,8 @@ def save_checkpoint(directory: Path, step: int, parts: dict[str, dict], state: d
         atomic_write_text(directory / "latest.json", json.dumps({"step": step, "path": final.name}))
     except Exception as e:
         raise _write_error(directory, step, parts, e) from e
+    for folder in _staged(directory, step) if staged else ():
+        shutil.rmtree(folder, ignore_errors=True)
     old = sorted(p for p in directory.glob("step_*") if p != final)
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)

@@ -38,12 +38,32 @@ class DictionarySpec:
     # (Gao et al.; capped at the number of dead latents), 0 = off
     aux_coefficient: float = 1 / 32
     decoder_init_norm: float = 0.1  # initial L2 norm of each latent's decoder vector (per model)
+    # crosscoders: latents [0, shared_latents) share one decoder vector across models (tied), then
+    # dedicated_latents[i] latents (one count per model, train.models order) decode into model i
+    # only; the rest are free (trainer/latent_partition.py)
+    shared_latents: int = 0
+    dedicated_latents: list[int] = field(default_factory=list)  # [] = none
+    shared_penalty_factor: float | None = None  # relu: factor on the shared latents' L1; default 0.15
     resample_dead_every: int = 0  # relu: resample dead latents every this many steps (0: never)
     # relu: training-split tokens whose loss is computed to pick the resampled latents' inputs
     # (capped at the split); 2^18 costs a forward pass over 64 batches of 4096, under 1.5% of the
     # tokens trained between resamples every 5000 such steps, and is 16x the most dead latents of
     # a 16384-latent dictionary, so sampling without replacement still follows the losses
     resample_sample_tokens: int = 262_144
+    # relu: the L1 coefficient moves linearly from l1_coefficient_start to l1_coefficient over
+    # l1_schedule_steps, after holding the start for l1_schedule_delay steps; l1_warmup_steps'
+    # rise from 0 multiplies it (trainer/schedules.py `l1_at`)
+    l1_coefficient_start: float | None = None
+    l1_schedule_steps: int = 0
+    l1_schedule_delay: int = 0
+    # relu: adaptive sparsity: the L1 coefficient times clamp(target / smoothed training FVU, lo, hi)
+    # (trainer/variants.py); a target FVU, not MSE, means the same at every hook, width and model count
+    adaptive_l1_target_fvu: float | None = None
+    adaptive_l1_clamp: list[float] = field(default_factory=lambda: [0.1, 10.0])  # [lo, hi], lo <= 1 <= hi
+    adaptive_l1_ema_decay: float = 0.99  # the FVU's smoothing: an EMA of the batch FVU (0: the last batch)
+    resample_window_steps: int = 0  # relu: resample the latents silent for this many steps (0: the dead ones)
+    merge_every: int = 0  # relu: merge near-duplicate latents every this many steps (0: never) ...
+    merge_threshold: float = 0.95  # ... pairs whose decoder cosine (models concatenated) exceeds this
     lr: float | None = None  # default: train.lr
     seed: int = 0
 
@@ -73,6 +93,9 @@ class TrainSpec:
     direct_io: Literal["auto", "always", "never"] = "auto"
     include_first_position: bool = False  # position 0 is an outlier (attention sink); skip it
     device: str = "auto"
+    # several processes (accelerate launch / torchrun): "data" splits every batch across them,
+    # "dictionaries" gives each its share of the sweep, "auto" picks (trainer/distributed.py `choose_parallel`)
+    parallel: Literal["data", "dictionaries", "auto"] = "auto"
     out_dir: str | None = None  # default: runs/<experiment name>, relative to the config file
     wandb_project: str | None = None  # log to wandb too, when it is installed
 
@@ -145,6 +168,52 @@ def _check_dictionary(values: dict, where: str, errors: list[str]) -> None:
         if values.get(key) is not None and values[key] <= 0:
             problem(errors, join_key(where, key), f"must be positive, got {values[key]}",
                     "use a positive number")
+    _check_partition(values, where, errors, cls)
+    # the training variants (trainer/variants.py): ranges, then keys that would do nothing
+    for key in ("l1_schedule_steps", "l1_schedule_delay", "resample_window_steps", "merge_every"):
+        check_size(values, key, where, errors, 0, "a count of steps")
+    if values.get("l1_coefficient_start") is not None and values["l1_coefficient_start"] < 0:
+        problem(errors, join_key(where, "l1_coefficient_start"), f"is negative ({values['l1_coefficient_start']})",
+                "use a value >= 0")
+    target = values.get("adaptive_l1_target_fvu")
+    if target is not None and not 0 < target < 1:
+        problem(errors, join_key(where, "adaptive_l1_target_fvu"), f"is {target}",
+                "use the fraction of variance left unexplained to aim for, between 0 and 1, e.g. 0.1")
+    clamp = values.get("adaptive_l1_clamp")
+    if clamp is not None and not (len(clamp) == 2 and 0 < clamp[0] <= 1 <= clamp[1]):
+        problem(errors, join_key(where, "adaptive_l1_clamp"), f"is {show(clamp)}",
+                "give [lo, hi], the bounds of the factor on l1_coefficient, with 0 < lo <= 1 <= hi, e.g. [0.1, 10]")
+    if "adaptive_l1_ema_decay" in values and not 0 <= values["adaptive_l1_ema_decay"] < 1:
+        problem(errors, join_key(where, "adaptive_l1_ema_decay"), f"is {values['adaptive_l1_ema_decay']}",
+                "use a decay in [0, 1), e.g. 0.99 (0: no smoothing)")
+    if "merge_threshold" in values and not 0 < values["merge_threshold"] < 1:
+        problem(errors, join_key(where, "merge_threshold"), f"is {values['merge_threshold']}",
+                "use a decoder cosine between 0 and 1, e.g. 0.95")
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(DictionarySpec)}
+    changed = {k for k in ("l1_coefficient_start", "l1_schedule_steps", "l1_schedule_delay",
+                           "adaptive_l1_target_fvu", "adaptive_l1_clamp", "adaptive_l1_ema_decay",
+                           "resample_window_steps", "merge_every", "merge_threshold")
+               if k in values and values[k] != defaults[k]}
+    trait = {"resample_window_steps": "resamples_dead", "merge_every": "resamples_dead",
+             "merge_threshold": "resamples_dead"}
+    for key in sorted(changed):
+        needs = trait.get(key, "l1_penalty")
+        if cls is not None and not getattr(cls, needs):
+            changed.discard(key)  # one message for it is enough
+            problem(errors, join_key(where, key), f"is only used by {A.spoken(A.names(**{needs: True}))}, "
+                    f"not {show(arch)}", "remove it")
+    for key, needs, fix in (
+            ("l1_coefficient_start", ("l1_schedule_steps", "l1_schedule_delay"),
+             "set l1_schedule_steps, the steps it takes to reach l1_coefficient, or remove it"),
+            ("l1_schedule_steps", ("l1_coefficient_start",), "set l1_coefficient_start, where the line starts"),
+            ("l1_schedule_delay", ("l1_coefficient_start",), "set l1_coefficient_start, the value held"),
+            ("adaptive_l1_clamp", ("adaptive_l1_target_fvu",), "set adaptive_l1_target_fvu, or remove it"),
+            ("adaptive_l1_ema_decay", ("adaptive_l1_target_fvu",), "set adaptive_l1_target_fvu, or remove it"),
+            ("resample_window_steps", ("resample_dead_every",), "set resample_dead_every, how often to resample"),
+            ("merge_threshold", ("merge_every",), "set merge_every, how often to merge, or remove it")):
+        if key in changed and not any(n in values and values[n] != defaults[n] for n in needs):
+            problem(errors, join_key(where, key), f"does nothing without {' or '.join(needs)}", fix)
 
 
 def _check_train(values: dict, where: str, errors: list[str]) -> None:
@@ -204,3 +273,50 @@ def _check_train_against_experiment(train: TrainSpec, values: dict, where: str,
                         f"{show(d.architecture)} is not available for crosscoders ({n_models} models)",
                         f"use one of {', '.join(map(show, crosscoders))}, or train.models = "
                         "[one model] for an SAE")
+    _check_partition_models(train, n_models, where, errors)
+
+
+def _check_partition(values: dict, where: str, errors: list[str], cls) -> None:
+    """Shared and dedicated latents (trainer/latent_partition.py): counts that fit, a penalty
+    factor only where there is a penalty to reduce and latents to reduce it for."""
+    check_size(values, "shared_latents", where, errors, 0, "a count of latents; 0 for none")
+    dedicated = values.get("dedicated_latents") or []
+    for i, count in enumerate(dedicated):
+        if count < 0:
+            problem(errors, f"{join_key(where, 'dedicated_latents')}[{i}]", f"is negative ({count})",
+                    "give a count of latents >= 0 per model")
+    n, shared = values.get("n_latents"), values.get("shared_latents", 0)
+    if n is not None and shared >= 0 and all(c >= 0 for c in dedicated) and shared + sum(dedicated) > n:
+        problem(errors, join_key(where, "dedicated_latents" if dedicated else "shared_latents"),
+                f"shared_latents + sum(dedicated_latents) = {shared + sum(dedicated)} exceeds n_latents ({n})",
+                "partition at most n_latents latents")
+    factor = values.get("shared_penalty_factor")
+    if factor is None:
+        return
+    key = join_key(where, "shared_penalty_factor")
+    if cls is not None and not cls.l1_penalty:
+        problem(errors, key, f"is only used by {A.spoken(A.names(l1_penalty=True))}, not {show(values['architecture'])}",
+                "remove it: every latent selected by top-k costs one slot of k, and ranking by the sum of "
+                "decoder norms already favours shared latents, so there is no penalty to reduce (shared "
+                "latents are tied only)")
+    elif not shared:
+        problem(errors, key, "is set but shared_latents is 0", "set shared_latents, or remove it")
+    if not 0 <= factor <= 1:
+        problem(errors, key, f"is {factor}", "use the fraction of the L1 weight shared latents pay, "
+                "between 0 and 1, e.g. 0.15")
+
+
+def _check_partition_models(train: TrainSpec, n_models: int, where: str, errors: list[str]) -> None:
+    """The partition against the models trained: crosscoders only, one dedicated count per model."""
+    models = ", ".join(map(show, train.models)) if train.models else "the experiment's models"
+    for i, d in enumerate(train.dictionaries):
+        at = f"{join_key(where, 'dictionaries')}[{i}]"
+        if n_models == 1 and (d.shared_latents or any(d.dedicated_latents)):
+            key = "shared_latents" if d.shared_latents else "dedicated_latents"
+            problem(errors, f"{at}.{key}", "partitions a crosscoder's latents across models, but this is an "
+                    "SAE (one model)", "remove it, or train several models for a crosscoder")
+        elif n_models >= 2 and d.dedicated_latents and len(d.dedicated_latents) != n_models:
+            problem(errors, f"{at}.dedicated_latents",
+                    f"has {len(d.dedicated_latents)} counts for {n_models} models",
+                    f"give one count per model, in the order of train.models ({models}), e.g. "
+                    f"{[256] * n_models}")

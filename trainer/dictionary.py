@@ -20,6 +20,11 @@ over models n and dimensions d, and means over the batch:
     fvu        = sum_{b,n,d} (x - x_hat)^2 / sum_{b,n,d} (x - mean_b x)^2    (fvu/<i>: model i only)
     l0         = mean_b #{j : f_j > 0}
 
+A crosscoder may partition its latents (trainer/latent_partition.py): designated shared latents
+whose decoder rows are one vector tied across models, and latents dedicated to one model whose
+decoder rows for the other models are zero. `constrain_` and `remove_parallel_grads_` keep the
+partition through training; the masks are buffers, saved with the weights.
+
 A saved dictionary is a folder of two files: the weights as safetensors (WEIGHTS_FILE) and the
 recipe as JSON (CONFIG_FILE), so nothing is unpickled on load.
 """
@@ -40,6 +45,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pipeline.records import atomic_write, atomic_write_text
+from trainer import latent_partition as LP
+from trainer.sparse_decode import Encoding, SparseCodes, Terms, prefers_sparse
 
 if TYPE_CHECKING:
     from trainer.config import DictionarySpec
@@ -51,6 +58,7 @@ ACTIVITY_FILE = "latent_activity.safetensors"
 # what `Dictionary.loss` returns beside its scalar terms (the trainer logs only the scalars)
 TENSOR_TERMS = ("f", "counts", "fired")
 EPS = 1e-12
+_SPARSE_DTYPES = (torch.float32, torch.float64)  # what the sparse CSR products take on every device
 
 
 class Dictionary(nn.Module):
@@ -91,6 +99,13 @@ class Dictionary(nn.Module):
         norm = 1.0 if self.unit_norm_decoder else spec.decoder_init_norm
         w_dec = torch.randn(self.n_latents, n_models, d_model, generator=gen)
         w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True).clamp_min(EPS) * norm
+        # Shared and dedicated latents (trainer/latent_partition.py): saved with the weights as
+        # buffers, and only when the spec asks, so other dictionaries' files are unchanged
+        self.partition = LP.LatentPartition.from_spec(spec, n_models)
+        if self.partition is not None:
+            self.register_buffer("decoder_mask", self.partition.decoder_mask())
+            self.register_buffer("shared_mask", self.partition.shared_mask())
+            LP.init_(w_dec, self.partition, self.decoder_mask)
         self.W_dec = nn.Parameter(w_dec)
         self.W_enc = nn.Parameter(rearrange(w_dec, "m n d -> n d m").clone())
         self.b_enc = nn.Parameter(torch.zeros(self.n_latents))
@@ -123,7 +138,11 @@ class Dictionary(nn.Module):
         return self.W_dec.norm(dim=-1)
 
     def _selection_weights(self) -> Tensor:
-        """[n_latents]: sum_n ||W_dec[j, n]||, the factor that makes codes comparable across latents."""
+        """[n_latents]: sum_n ||W_dec[j, n]||, the factor that makes codes comparable across latents.
+
+        Unchanged by a latent partition: a tied shared latent counts its norm in every model, a
+        dedicated one in its own model only, which already favours shared latents in top-k
+        selection (trainer/latent_partition.py says why no further weight is added)."""
         return (self.decoder_norms() * self.decoder_norm_scale).sum(1)
 
     def pre_activations(self, x: Tensor) -> Tensor:
@@ -140,6 +159,14 @@ class Dictionary(nn.Module):
         return self._activate(self.pre_activations(x), k)
 
     def decode(self, f: Tensor) -> Tensor:
+        # Outside autograd (evaluation, splicing) codes that are sparse enough are decoded from their
+        # nonzero entries (trainer/sparse_decode.py). Not under autograd: a zero code's gradient
+        # still matters there (JumpReLU's threshold reads it), and the sparse decode has none.
+        if f.dim() == 2 and not (torch.is_grad_enabled() and f.requires_grad) and f.dtype in _SPARSE_DTYPES \
+                and prefers_sparse(1.0, self.n_latents, self.d_model, f.device) \
+                and prefers_sparse(int(torch.count_nonzero(f)) / max(f.shape[0], 1), self.n_latents,
+                                   self.d_model, f.device):
+            return SparseCodes.of_dense(f).decode(self.W_dec, self.b_dec)
         # einsum(f, W_dec, "b m, m n d -> b n d") + b_dec, fused the same way
         out = torch.addmm(self.b_dec.reshape(-1), f, self.W_dec.reshape(self.n_latents, -1))
         return out.reshape(f.shape[0], self.n_models, self.d_model)
@@ -148,12 +175,15 @@ class Dictionary(nn.Module):
         f = self.encode(x)
         return self.decode(f), f
 
-    def _codes(self, pre: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _codes(self, pre: Tensor, k: int | None, encoding: Encoding | None = None
+               ) -> tuple[Tensor | SparseCodes, Tensor, Tensor | None]:
         """(codes f [batch, latents], float counts [latents] of the tokens each latent fired on,
         the smallest kept ranked code or None).
 
         The counts serve L0 and the dead-latent counters; selecting architectures override this
-        to count from the indices they select instead of another pass over the dense codes.
+        to count from the indices they select instead of another pass over the dense codes. Given
+        `encoding` (the training objective passes it), they may return the codes as `SparseCodes`
+        drawn from it instead, whose decode and gradients touch the kept codes only.
         """
         f = self._activate(pre, k)
         return f, (f > 0).sum(0, dtype=torch.float32), None
@@ -162,9 +192,10 @@ class Dictionary(nn.Module):
         """Called by `loss` in training mode; BatchTopK learns its inference threshold here."""
 
     def loss(self, x: Tensor, *, k: int | None = None, l1_coefficient: float | None = None,
-             dead_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+             dead_mask: Tensor | None = None) -> tuple[Tensor, Terms]:
         """The training objective and its terms (detached scalars, the codes as "f", the number
-        of tokens each latent fired on as "counts", and the latents that fired as "fired").
+        of tokens each latent fired on as "counts", and the latents that fired as "fired"). After
+        a sparse step "f" is built from the kept codes when first read (`Terms`).
 
         `k` and `l1_coefficient` are the trainer's scheduled values for this step (k schedule,
         L1 warm-up); they default to the spec's. `dead_mask` [n_latents] marks latents the trainer
@@ -172,10 +203,13 @@ class Dictionary(nn.Module):
         """
         x = x.to(self.W_enc.dtype)
         pre = self.pre_activations(x)
-        f, counts, smallest_kept = self._codes(pre, k)
+        encoding = Encoding(pre.detach(), (x - self.b_dec).detach().reshape(x.shape[0], -1),
+                            self.W_enc.reshape(-1, self.n_latents), self.b_enc, self.b_dec)
+        f, counts, smallest_kept = self._codes(pre, k, encoding)
         if self.training:
             self._observe_training_batch(smallest_kept)
-        x_hat = self.decode(f)
+        sparse = isinstance(f, SparseCodes)
+        x_hat = f.decode(self.W_dec, self.b_dec) if sparse else self.decode(f)
         err = (x - x_hat).pow(2)
         mse = err.sum((1, 2)).mean()
         penalty, extra = self._penalty(pre, f, x, x_hat, k=k, l1_coefficient=l1_coefficient,
@@ -189,30 +223,43 @@ class Dictionary(nn.Module):
                      **{f"fvu/{i}": per_model[i] for i in range(self.n_models)},
                      "l0": counts.sum() / x.shape[0],
                      **{name: v.detach() for name, v in extra.items()},
-                     "counts": counts, "fired": counts > 0, "f": f.detach()}
-        return loss, terms
+                     "counts": counts, "fired": counts > 0}
+        # sparse codes become the dense "f" only if a caller reads it
+        return loss, Terms(terms, f if sparse else f.detach())
 
     # ---------------------------------------------------------------- the unit-norm constraint
 
     def constrain_(self) -> None:
-        """Call after each optimizer step: puts every decoder row (per model) back at unit norm
-        when the architecture holds them there (`unit_norm_decoder`); otherwise does nothing."""
-        if not self.unit_norm_decoder:
+        """Call after each optimizer step: puts the decoder back where the dictionary holds it:
+        shared latents' rows tied (their mean over models) and dedicated latents' rows zero outside
+        their model (trainer/latent_partition.py), then every row (per model) at unit norm when
+        the architecture holds them there (`unit_norm_decoder`). Otherwise does nothing."""
+        if self.partition is None and not self.unit_norm_decoder:
             return
         self._refuse_if_folded()
         with torch.no_grad():
-            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS))
+            if self.partition is not None:
+                LP.project_(self.W_dec.data, self.partition.shared, self.partition.end, self.decoder_mask)
+            if self.unit_norm_decoder:
+                self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS))
 
     def remove_parallel_grads_(self) -> None:
         """Call before each optimizer step: radial gradient components would only be undone by
-        `constrain_`, and Adam would still count them in its moments, so they are dropped first."""
-        if not self.unit_norm_decoder or self.W_dec.grad is None:
+        `constrain_`, and Adam would still count them in its moments, so they are dropped first.
+        Likewise the decoder gradients leave the latent partition: a shared latent's rows take the
+        mean of their gradients over models (identical gradients, identical Adam moments,
+        identical steps: the rows stay tied) and a dedicated latent's rows outside its model get
+        none (their Adam moments stay zero, and so does the row)."""
+        if (self.partition is None and not self.unit_norm_decoder) or self.W_dec.grad is None:
             return
         self._refuse_if_folded()
         with torch.no_grad():
-            unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS)
             grad = self.W_dec.grad
-            grad.sub_((grad * unit).sum(-1, keepdim=True) * unit)
+            if self.unit_norm_decoder:
+                unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(EPS)
+                grad.sub_((grad * unit).sum(-1, keepdim=True) * unit)
+            if self.partition is not None:
+                LP.project_(grad, self.partition.shared, self.partition.end, self.decoder_mask)
 
     def _refuse_if_folded(self) -> None:
         if self.folded:

@@ -128,6 +128,13 @@ class ActivationLoader:
     memory only once nothing references it any more (page-faulting fresh 32 MiB buffers for every
     batch cost 8x in the gather). The gather, the one copy on the batch's path, is split over
     ``gather_threads`` threads (default: the cores, up to 4).
+
+    ``rank`` / ``world_size`` (data-parallel training, trainer/distributed.py): yield only this
+    process's slice of every batch, rows [n * rank // world_size, n * (rank + 1) // world_size) of
+    a batch of n rows. The batches, their order and ``state_dict()`` are those of one process, so the
+    position is the same whatever the number of processes; each process still reads the whole
+    windows its slices come from (on one machine the page cache holds them once for all), only
+    the gather and what follows are split.
     """
 
     def __init__(self, arrays: list[S.ActivationArray], token_set: S.TokenSet, *, split: str,
@@ -135,8 +142,12 @@ class ActivationLoader:
                  reader: str = "auto", include_first_position: bool = False, device="cpu",
                  shuffle: bool | None = None, verify: bool = True, prefetch_batches: int = 2,
                  direct_io: bool | str = "auto", float32: bool | None = None, gather_threads: int | None = None,
-                 planned_rows: int | None = None):
+                 planned_rows: int | None = None, rank: int = 0, world_size: int = 1):
         arrays = list(arrays)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of world_size {world_size} processes")
+        self.rank, self.world_size = int(rank), int(world_size)
+        slice_rows = -(-int(batch_size) // self.world_size)  # the largest slice of a batch
         if split not in ("train", "validation"):
             raise ValueError(f"split must be 'train' or 'validation', not {split!r}")
         if reader not in ("auto", "mmap", "zarr"):
@@ -188,7 +199,7 @@ class ActivationLoader:
         self._epoch, self._batch, self._resume = 0, 0, False
         self._executor: ThreadPoolExecutor | None = None
         self._buffers: list[np.ndarray | None] = [None, None]
-        self._out_pool = BufferPool((self.batch_size, self.n_models, self.d_model),
+        self._out_pool = BufferPool((slice_rows, self.n_models, self.d_model),
                                     np.float32 if self.float32 else self._np_dtype, self.prefetch_batches + 4)
         self._stage: np.ndarray | None = None
         self._gather_pool: ThreadPoolExecutor | None = None
@@ -321,7 +332,7 @@ class ActivationLoader:
             return host.numpy(), host
         if self._convert:
             if self._stage is None:
-                self._stage = aligned_empty((self.batch_size, self.n_models, self.d_model), self._np_dtype)
+                self._stage = aligned_empty((self._out_pool.shape[0], self.n_models, self.d_model), self._np_dtype)
             return self._stage[:n], torch.from_numpy(self._out_pool.get()[:n])
         out = self._out_pool.get()[:n]
         return out, torch.from_numpy(out)
@@ -373,7 +384,9 @@ class ActivationLoader:
                 for g in (g0, g0 + 1):  # the current window, and the next one read ahead
                     if g not in live and (self.shuffle or g < (epoch + 1) * W):
                         live[g] = self._schedule(g)
-                host_np, host = self._out_buffer(e - s)
+                # this process's rows of the batch (all of them for one process)
+                lo, hi = s + (e - s) * self.rank // self.world_size, s + (e - s) * (self.rank + 1) // self.world_size
+                host_np, host = self._out_buffer(hi - lo)
                 flat_out, M = host_np.reshape(-1, self.d_model), self.n_models
                 pos = 0
                 for w in range(w0, w1 + 1):
@@ -382,14 +395,16 @@ class ActivationLoader:
                         for f in lw.futures:
                             f.result()  # raises a read's error here
                         lw.ready = True
-                    a = max(s, int(plan.starts[w])) - int(plan.starts[w])
-                    z = min(e, int(plan.starts[w + 1])) - int(plan.starts[w])
+                    a = max(lo, int(plan.starts[w])) - int(plan.starts[w])
+                    z = min(hi, int(plan.starts[w + 1])) - int(plan.starts[w])
+                    if z <= a:
+                        continue
                     # one take of whole rows (d_model values, memcpy each) from [models * rows, d]
                     # into [tokens * models, d]: the batch's layout, contiguous
                     self._take(lw.buffer.reshape(-1, self.d_model), lw.flat[a * M:z * M],
                                flat_out[pos * M:(pos + z - a) * M])
                     pos += z - a
-                assert pos == e - s
+                assert pos == hi - lo
                 if self._convert:
                     host.copy_(torch.from_numpy(host_np).view(torch.bfloat16))  # into a reused buffer
                 elif self.storage_dtype == "bfloat16":

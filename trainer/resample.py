@@ -22,6 +22,18 @@ the penalty. So "normalized" means: at the mean norm of that model's alive decod
 where the rows are unit), which keeps the paper's ratio of a resampled latent's initial strength to
 the alive ones' (0.2); at unit norm it would be 1 / (that mean) times stronger.
 
+Which latents a resampling step re-initializes (`resample_candidates`): by default the dead ones
+(silent for `dead_after_tokens`, the trainer's definition everywhere). With `resample_window_steps`
+= W, those silent within the window instead: the latents that fired in none of the last W training
+steps, counted back from the resampling step. A resampled (or merged-away) latent's window starts
+afresh, so it is a candidate again only after W more silent steps, and none is a candidate before
+W steps have been trained. This is the paper's rule ("neurons which have not fired in any of the
+previous 12,500 training steps"), with its own window apart from the dead-latent definition that
+the logs, AuxK and the evaluations share. The window is read off the trainer's per-latent counters
+(tokens since the latent last fired, restarted when it fires or is resampled, checkpointed with the
+weights): with a fixed batch of B tokens, silent for the last W steps is exactly `counter >= W * B`,
+so no second set of counters is kept and a resumed run sees the same windows.
+
 Everything random is seeded by the step (`derived_seed`), so a resumed run resamples identically.
 """
 
@@ -44,6 +56,16 @@ def derived_seed(*parts: object) -> int:
     process and Python version), so resampling is reproducible across a resume."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def resample_candidates(tokens_since_fired: Tensor, dead_after_tokens: int, window_steps: int,
+                        batch_size: int) -> Tensor:
+    """[n_latents] bool: the latents a resampling step re-initializes, from the trainer's counters
+    (tokens since each latent last fired): silent for the last `window_steps` steps of
+    `batch_size` tokens when a window is set (> 0), else dead (silent for `dead_after_tokens`)."""
+    if window_steps > 0:
+        return tokens_since_fired >= window_steps * batch_size
+    return tokens_since_fired >= dead_after_tokens
 
 
 @torch.no_grad()
@@ -157,4 +179,5 @@ def resample_dead_(model, opt: torch.optim.Optimizer, dead: Tensor, inputs: Tens
         for name in ("exp_avg", "exp_avg_sq"):
             if name in state:
                 state[name].index_fill_(latent_dim, idx, 0.0)
+    model.constrain_()  # a resampled shared or dedicated latent back on its partition (and unit norm)
     return idx

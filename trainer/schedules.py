@@ -29,3 +29,20 @@ def k_at(step: int, k: int, k_start: int | None, span: int, delay: int = 0) -> i
     if k_start is None or step < delay:
         return k if k_start is None else k_start
     return max(1, round(ramp(step - delay, span, k_start, k)))
+
+
+def l1_at(step: int, l1: float, start: float | None = None, span: int = 0, delay: int = 0,
+          warmup: int = 0) -> float:
+    """The relu L1 coefficient at `step`: the schedule's line times the warm-up's rise.
+
+    The line: `start` (default `l1`: no schedule) for `delay` steps, then linearly to `l1` over
+    `span` steps, then `l1`. The warm-up multiplies it by a factor rising linearly from 0 to 1 over
+    `warmup` steps, counted from step 0 like the line, so the two compose as
+    `min(1, step / warmup) * line(step)`: a dictionary starts unpenalised whatever its start value,
+    and without a schedule this is the plain warm-up to `l1`.
+    """
+    if start is None:
+        line = l1
+    else:
+        line = start if step < delay else ramp(step - delay, span, start, l1)
+    return ramp(step, warmup, 0.0, line)

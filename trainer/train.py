@@ -3,13 +3,15 @@
 Read top to bottom: set up (arrays, loaders, dictionaries, optimizers), maybe resume, then for
 each step one batch is read and every dictionary takes one Adam step on it. A sweep of six
 therefore reads the data once, not six times.
+
+Launched on several processes (`accelerate launch` / `torchrun`), the same loop trains with data
+parallelism or gives each process its share of the sweep (trainer/distributed.py says how and
+which); the checkpoints do not depend on the number of processes, so any number resumes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,17 +24,20 @@ from pipeline import models as M
 from pipeline import store as S
 from pipeline.config_files import dump_config
 from pipeline.records import atomic_write
-from pipeline.store import is_no_space
 from pipeline.typed_config import ConfigError
 from trainer.config import DictionarySpec, TrainSpec
 from trainer.config import TrainExperiment as ExperimentConfig
 
 from . import checkpoint as ckpt
 from . import resample as R
+from . import variants as V
 from .architectures import ARCHITECTURES
 from .dictionaries import ACTIVITY_FILE, TENSOR_TERMS, Dictionary, build_dictionary
+from .distributed import BatchReduce, Distributed, local_device, reduce_terms, variance_sums
 from .loader import ActivationLoader
-from .schedules import k_at, lr_factor, ramp
+from .metrics_log import MetricsLog, writes
+from .schedules import k_at, l1_at, lr_factor
+from .sharing import sharing
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Member:
     tokens_since_fired: torch.Tensor
     sums: dict[str, float] = field(default_factory=dict)
     n_summed: int = 0
+    variants: V.VariantState = field(default_factory=V.VariantState.new)  # adaptive L1, merge counts
 
     def dead_mask(self, dead_after: int) -> torch.Tensor:
         return self.tokens_since_fired >= dead_after
@@ -66,7 +72,8 @@ def _step_knobs(spec: DictionarySpec, step: int) -> dict:
     if arch.uses_k:
         knobs["k"] = k_at(step, spec.k, spec.k_start, spec.k_schedule_steps, spec.k_schedule_delay)
     if arch.l1_penalty:
-        knobs["l1_coefficient"] = ramp(step, spec.l1_warmup_steps, 0.0, spec.l1_coefficient)
+        knobs["l1_coefficient"] = l1_at(step, spec.l1_coefficient, spec.l1_coefficient_start,
+                                        spec.l1_schedule_steps, spec.l1_schedule_delay, spec.l1_warmup_steps)
     return knobs
 
 
@@ -94,14 +101,17 @@ def planned_rows(train: TrainSpec, split: str) -> int:
     return train.eval_batches * train.batch_size * (train.steps // train.eval_every + 1)
 
 
-def make_loader(arrays, ts, train: TrainSpec, split: str, device, rows: int | None = None) -> ActivationLoader:
+def make_loader(arrays, ts, train: TrainSpec, split: str, device, rows: int | None = None,
+                dist: Distributed | None = None) -> ActivationLoader:
     """The shuffled, aligned loader of one split ("train" or "validation") with `train`'s settings.
-    Batches come as float32 (converted in the loader's reused buffers, or on the GPU)."""
+    Batches come as float32 (converted in the loader's reused buffers, or on the GPU); with `dist`,
+    this process's slice of each."""
+    slicing = {} if dist is None else {"rank": dist.rank, "world_size": dist.world}
     return ActivationLoader(arrays, ts, split=split, batch_size=train.batch_size, seed=train.seed,
                             buffer_tokens=train.buffer_tokens, read_threads=train.read_threads,
                             reader=train.reader, include_first_position=train.include_first_position,
                             device=device, float32=True, direct_io=train.direct_io,
-                            planned_rows=planned_rows(train, split) if rows is None else rows)
+                            planned_rows=planned_rows(train, split) if rows is None else rows, **slicing)
 
 
 def new_member(spec: DictionarySpec, train: TrainSpec, n_models: int, d_model: int,
@@ -111,31 +121,42 @@ def new_member(spec: DictionarySpec, train: TrainSpec, n_models: int, d_model: i
     base_lr = spec.lr or train.lr
     opt = torch.optim.Adam(model.parameters(), lr=base_lr, betas=(0.9, 0.999))
     counters = torch.zeros(spec.n_latents, dtype=torch.long, device=device)
-    return Member(spec, model, opt, base_lr, counters)
+    return Member(spec, model, opt, base_lr, counters, variants=V.VariantState.new(device))
 
 
-def train_step(m: Member, x: torch.Tensor, step: int, train: TrainSpec) -> None:
-    """One Adam step of one member on batch `x` (scheduled lr and knobs, constraint, counters)."""
+def train_step(m: Member, x: torch.Tensor, step: int, train: TrainSpec, dist: Distributed | None = None,
+               variance: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """One Adam step of one member on batch `x` (scheduled lr and knobs, constraint, counters).
+    With `dist` (data parallelism), `x` is this process's equal slice of the batch and `variance`
+    its `variance_sums`: the gradients, counters and logged terms become the whole batch's."""
     for group in m.opt.param_groups:
         group["lr"] = m.base_lr * lr_factor(step, train.steps, train.lr_warmup_steps,
                                             train.lr_decay_fraction)
     dead = m.dead_mask(train.dead_after_tokens)
-    loss, terms = m.model.loss(x, dead_mask=dead, **_step_knobs(m.spec, step))
+    loss, terms = m.model.loss(x, dead_mask=dead, **V.scale_knobs(m.variants, m.spec, _step_knobs(m.spec, step)))
     m.opt.zero_grad(set_to_none=True)
     loss.backward()
+    if dist is not None:
+        dist.average_grads_(m.model.parameters())
     m.model.remove_parallel_grads_()
     if train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(m.model.parameters(), train.grad_clip)
     m.opt.step()
     m.model.constrain_()
     with torch.no_grad():
-        fired = terms["fired"]
-        m.tokens_since_fired += x.shape[0]
+        if dist is None:
+            fired, tokens = terms["fired"], x.shape[0]
+        else:
+            tokens = x.shape[0] * dist.world
+            terms, counts = reduce_terms(terms, x.shape[0], tokens, variance, dist)
+            fired = counts > 0
+        m.tokens_since_fired += tokens
         m.tokens_since_fired.masked_fill_(fired, 0)  # boolean indexing would sync a GPU
+    V.observe_(m.variants, m.spec, terms)
     # summed as device tensors: a .item() per term per step would stall a GPU every step
-    for name, value in terms.items():
+    for name in terms:  # by name: `terms["f"]` (dense codes) is built only when read
         if name not in TENSOR_TERMS:
-            m.sums[name] = m.sums.get(name, 0.0) + value
+            m.sums[name] = m.sums.get(name, 0.0) + terms[name]
     m.n_summed += 1
 
 
@@ -150,7 +171,8 @@ def resample_due(members: list[Member], step: int, train: TrainSpec, arrays, ts,
         every = m.spec.resample_dead_every
         if not every or (step + 1) % every:
             continue
-        dead = m.dead_mask(train.dead_after_tokens)
+        dead = R.resample_candidates(m.tokens_since_fired, train.dead_after_tokens,
+                                     m.spec.resample_window_steps, train.batch_size)
         if bool(dead.any()):
             gen = torch.Generator().manual_seed(R.derived_seed("resample-pick", m.spec.seed, step))
             due.append(R.Due(m.model, m.opt, dead, m.spec.resample_sample_tokens, gen))
@@ -177,58 +199,12 @@ def evaluate(model: Dictionary, loader: ActivationLoader, n_batches: int) -> dic
         if i >= n_batches:
             break
         _, terms = model.loss(batch.float())
-        for name, value in terms.items():
+        for name in terms:
             if name not in TENSOR_TERMS:
-                sums[name] = sums.get(name, 0.0) + float(value)
+                sums[name] = sums.get(name, 0.0) + float(terms[name])
         n += 1
     model.train()
     return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
-
-
-class _MetricsLog:
-    """metrics.jsonl, plus wandb when asked for and installed. A resumed run first drops the lines
-    written after its checkpoint, so the file reads as one uninterrupted run."""
-
-    def __init__(self, path: Path, resume_step: int | None, wandb_project: str | None, run_name: str):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.kept: list[dict] = []
-        if resume_step is None:
-            self._write_all("")
-        elif path.exists():
-            # a line torn by a full disk or a kill mid-append is dropped with the rest after it
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    break
-                if record["step"] <= resume_step:
-                    self.kept.append(record)
-            self._write_all("".join(json.dumps(r) + "\n" for r in self.kept))
-        self.wandb = None
-        if wandb_project:
-            try:
-                import wandb
-
-                self.wandb = wandb.init(project=wandb_project, name=run_name, resume="allow")
-            except ImportError:
-                print("wandb_project is set but wandb is not installed; logging to metrics.jsonl only")
-
-    def _write_all(self, text: str) -> None:
-        with _writes(self.path):
-            self.path.write_text(text)
-
-    def final_validation(self, step: int) -> dict[str, dict]:
-        """The validation metrics the kept lines hold for `step`, by dictionary."""
-        return {r["dictionary"]: {k: v for k, v in r.items() if k.startswith("val/")}
-                for r in self.kept if r["step"] == step and any(k.startswith("val/") for k in r)}
-
-    def write(self, record: dict) -> None:
-        with _writes(self.path), self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({f"{record['dictionary']}/{k}": v for k, v in record.items()
-                            if isinstance(v, (int, float))}, step=record["step"])
 
 
 def save_activity(directory: Path, tokens_since_fired: torch.Tensor) -> None:
@@ -238,19 +214,6 @@ def save_activity(directory: Path, tokens_since_fired: torch.Tensor) -> None:
     atomic_write(directory / ACTIVITY_FILE, lambda p: save_file(tensors, str(p)))
 
 
-@contextmanager
-def _writes(path: Path):
-    """A failed write of the run's outputs (a full disk) as one clear error: the checkpoints are
-    intact, so --resume continues once space is freed."""
-    try:
-        yield
-    except OSError as e:
-        why = "no space left on the device" if is_no_space(e) else f"{type(e).__name__}: {e}"
-        raise ckpt.CheckpointError(
-            f"could not write {path}: {why}. The last checkpoint is intact; free space there, "
-            f"then run `mdiff train <config> --resume`.") from e
-
-
 def _checkpoint_parts(members: list[Member]) -> dict[str, dict]:
     parts = {}
     for m in members:
@@ -258,6 +221,7 @@ def _checkpoint_parts(members: list[Member]) -> dict[str, dict]:
         parts[m.spec.name] = {
             "tensors": {"dictionary": dict(m.model.state_dict()), "optimizer": opt_tensors,
                         "counters": {"tokens_since_fired": m.tokens_since_fired},
+                        "variants": m.variants.tensors(),
                         # the running sums of the log line in progress: a run resumed between
                         # two log lines then logs the same means as an uninterrupted one
                         "sums": {k: torch.as_tensor(v).reshape(1) for k, v in m.sums.items()}},
@@ -273,6 +237,7 @@ def _restore(members: list[Member], checkpoint: Path, device) -> None:
         ckpt.load_optimizer(m.opt, {k: v.to(device) for k, v in tensors["optimizer"].items()},
                             meta["optimizer"])
         m.tokens_since_fired.copy_(tensors["counters"]["tokens_since_fired"].to(device))
+        m.variants.load_(tensors.get("variants", {}))
         m.sums = {k: v.to(device).reshape(()) for k, v in tensors.get("sums", {}).items()}
         m.n_summed = int(meta.get("n_summed", 0))
 
@@ -292,16 +257,30 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, log=print, progress: 
         raise ConfigError(cfg.source_file or "<config>",
                           ["train: missing (add a [train] section with at least one "
                            "[[train.dictionaries]] entry; see README)"])
-    train = cfg.train
+    device = local_device(M.resolve_device(cfg.train.device))
+    dist = Distributed.from_env(device)
+    dist.use_device(device)
+    try:
+        return _run(cfg, cfg.train, dist, device, resume, log if dist.is_main else (lambda *a, **k: None), progress)
+    finally:
+        dist.close()
+
+
+def _run(cfg: ExperimentConfig, train: TrainSpec, dist: Distributed, device, resume: bool, log,
+         progress: bool) -> TrainReport:
     torch.manual_seed(train.seed)
-    device = M.resolve_device(train.device)
+    par = sharing(train, dist, cfg.source_file or "<config>")
+    progress = progress and dist.is_main
     out = Path(train.out_dir)
     root, ts, hook, names, arrays = open_arrays(cfg, train)
     d_model = arrays[0].array.shape[1]
     scales = [a.scale for a in arrays]
-    loader = make_loader(arrays, ts, train, "train", device)
-    val_loader = make_loader(arrays, ts, train, "validation", device)
-    members = [new_member(s, train, len(arrays), d_model, scales, device) for s in train.dictionaries]
+    loader = make_loader(arrays, ts, train, "train", device, dist=dist if par.data else None)
+    val_loader = make_loader(arrays, ts, train, "validation", device) if par.evaluates else None
+    members = [new_member(train.dictionaries[i], train, len(arrays), d_model, scales, device) for i in par.owned]
+    index = {m.spec.name: i for m, i in zip(members, par.owned)}
+    for m in members if par.data else ():
+        m.model.batch_reduce = BatchReduce(dist)
 
     start, resumed_from = 0, None
     checkpoint = ckpt.latest_checkpoint(out / "checkpoints") if resume else None
@@ -314,10 +293,14 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, log=print, progress: 
         start = resumed_from = state["step"]
         log(f"resuming from {checkpoint} (step {start} of {train.steps})")
     kind = "SAE" if len(arrays) == 1 else f"{len(arrays)}-model crosscoder"
-    log(f"training {len(members)} {kind}(s) in lockstep on {hook.label} of {', '.join(names)}: "
-        f"{train.steps} steps x {train.batch_size} tokens, device {device}")
+    where = "" if dist.world == 1 else f", {dist.world} processes ({par.mode} parallel)"
+    log(f"training {len(train.dictionaries)} {kind}(s) in lockstep on {hook.label} of {', '.join(names)}: "
+        f"{train.steps} steps x {train.batch_size} tokens, device {device}{where}")
 
-    metrics = _MetricsLog(out / "metrics.jsonl", resumed_from, train.wandb_project, cfg.name)
+    # the main process trims the log of a resumed run before the others read it
+    metrics = MetricsLog(out / "metrics.jsonl", resumed_from, train.wandb_project, cfg.name) if dist.is_main else None
+    dist.barrier()
+    metrics = metrics or MetricsLog(out / "metrics.jsonl", resumed_from, None, cfg.name, writer=False)
     meta = {
         "experiment": cfg.name, "store": root.url, "tokenset_id": ts.id, "hook": hook.label,
         "models": names, "model_keys": [a.attrs["model_key"] for a in arrays],
@@ -328,48 +311,60 @@ def run_train(cfg: ExperimentConfig, resume: bool = False, log=print, progress: 
     bar = tqdm(total=train.steps, initial=start, unit="step", disable=not progress,
                dynamic_ncols=True, desc="train")
     final: dict[str, dict] = {}
+
+    def validate(ms: list[Member], step: int) -> None:
+        own = []
+        for m in ms if par.evaluates else ():
+            final[m.spec.name] = evaluate(m.model, val_loader, train.eval_batches)
+            own.append((index[m.spec.name], {"step": step, "dictionary": m.spec.name, **final[m.spec.name]}))
+        for r in par.emit(metrics, own):
+            final[r["dictionary"]] = {k: v for k, v in r.items() if k.startswith("val/")}
+
     for step in range(start, train.steps):
         x = next(batches).float()
+        variance = variance_sums(x, dist) if par.data else None
         for m in members:
-            train_step(m, x, step, train)
+            train_step(m, x, step, train, dist if par.data else None, variance)
         resample_due(members, step, train, arrays, ts, device, progress)
+        if par.data and any(m.spec.merge_every and (step + 1) % m.spec.merge_every == 0 for m in members):
+            x = dist.gather(x)  # a merge draws its inputs from the whole batch
+        for m in members:
+            V.merge_due(m.model, m.opt, m.spec, m.tokens_since_fired, m.variants, x, step)
         done = step + 1
         bar.update(1)
         if done % train.log_every == 0 or done == train.steps:
             bar.set_postfix_str(_postfix(members))
+            lines = []
             for m in members:
                 n_dead = int(m.dead_mask(train.dead_after_tokens).sum())
-                record = {"step": done, "dictionary": m.spec.name, "tokens": done * train.batch_size,
-                          "lr": m.opt.param_groups[0]["lr"], "dead": n_dead,
-                          **{k: float(v) / m.n_summed for k, v in m.sums.items()},
-                          **_step_knobs(m.spec, step)}
-                metrics.write(record)
+                lines.append((index[m.spec.name], {
+                    "step": done, "dictionary": m.spec.name, "tokens": done * train.batch_size,
+                    "lr": m.opt.param_groups[0]["lr"], "dead": n_dead,
+                    **{k: float(v) / m.n_summed for k, v in m.sums.items()},
+                    **_step_knobs(m.spec, step), **V.log_fields(m.variants, m.spec)}))
                 m.sums, m.n_summed = {}, 0
+            par.emit(metrics, lines)
         if done % train.eval_every == 0 or done == train.steps:
-            for m in members:
-                val = evaluate(m.model, val_loader, train.eval_batches)
-                metrics.write({"step": done, "dictionary": m.spec.name, **val})
-                final[m.spec.name] = val
+            validate(members, done)
         if done % train.checkpoint_every == 0 or done == train.steps:
-            ckpt.save_checkpoint(out / "checkpoints", done, _checkpoint_parts(members),
-                                 {"loader": loader.state_dict()})
+            par.save(out / "checkpoints", done, lambda: _checkpoint_parts(members), loader.state_dict)
     bar.close()
 
     if start == train.steps:  # resumed after the last checkpoint: its validation is in the log,
         final = metrics.final_validation(train.steps)  # unless a torn line lost it
-        for m in members:
-            if m.spec.name not in final:
-                final[m.spec.name] = evaluate(m.model, val_loader, train.eval_batches)
-                metrics.write({"step": train.steps, "dictionary": m.spec.name, **final[m.spec.name]})
-    for m in members:
+        validate([m for m in members if m.spec.name not in final], train.steps)
+    saves = members if dist.is_main or par.mode == "dictionaries" else []
+    for m in saves:
+        m.model.__dict__.pop("batch_reduce", None)
         n_dead = int(m.dead_mask(train.dead_after_tokens).sum())
-        with _writes(out / m.spec.name):
+        with writes(out / m.spec.name):
             m.model.save(out / m.spec.name, {**meta, "name": m.spec.name, "steps": train.steps,
                                              "dead_latents": n_dead,
                                              "final_metrics": final.get(m.spec.name, {})})
             save_activity(out / m.spec.name, m.tokens_since_fired)
-        log(f"  {m.spec.name}: saved to {out / m.spec.name}  "
-            + "  ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in final.get(m.spec.name, {}).items()
+    dist.barrier()  # every process's dictionaries are saved
+    for spec in train.dictionaries:
+        log(f"  {spec.name}: saved to {out / spec.name}  "
+            + "  ".join(f"{k.removeprefix('val/')} {v:.4g}" for k, v in final.get(spec.name, {}).items()
                         if "/" not in k.removeprefix("val/")))
     return TrainReport(out, train.steps, resumed_from, final)
-

@@ -221,7 +221,7 @@ def test_real_full_disk_for_the_cache_and_for_checkpoints(kit: Kit, trained: dic
     assert latest is not None and 0 < ckpt.trainer_state(latest)["step"] < 40
     for name in ("btk", "relu"):
         tensors, _ = ckpt.load_part(latest, name)
-        assert set(tensors) == {"dictionary", "optimizer", "counters", "sums"}
+        assert set(tensors) == {"dictionary", "optimizer", "counters", "sums", "variants"}
     forkserver.sh("mount", "-o", "remount,size=16m", str(mnt))
     assert forkserver.run("train", str(train_cfg), "--no-progress", "--resume",
                           log=tmp_path / "train2.log") == 0

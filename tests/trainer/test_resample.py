@@ -17,7 +17,7 @@ from mdiff.tiny import train_section as tiny_train_section
 from pipeline.cache import run_cache
 from trainer import resample as R
 from trainer import train as T
-from trainer.config import DictionarySpec
+from trainer.config import DictionarySpec, TrainSpec
 from trainer.dictionaries import build_dictionary
 
 D = 16
@@ -187,10 +187,10 @@ def _spy(monkeypatch):
     seen = {"batches": [], "resampled": {}}
     real_step, real_due = T.train_step, T.resample_due
 
-    def step(m, x, step, train):
+    def step(m, x, step, *rest):
         if m is seen.setdefault("first", {}).setdefault(step, m):
             seen["batches"].append((step, x.clone()))
-        return real_step(m, x, step, train)
+        return real_step(m, x, step, *rest)
 
     def due(members, step, *args, **kwargs):
         out = real_due(members, step, *args, **kwargs)
@@ -219,10 +219,10 @@ def test_training_batches_are_untouched_and_a_resumed_run_resamples_identically(
     cut = _spy(monkeypatch)
     real_step = T.train_step
 
-    def dying(m, x, step, train):
+    def dying(m, x, step, *rest):
         if step == 37:
             raise KeyboardInterrupt
-        return real_step(m, x, step, train)
+        return real_step(m, x, step, *rest)
 
     monkeypatch.setattr(T, "train_step", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -267,3 +267,42 @@ def test_one_sample_pass_of_the_configured_size(cached, monkeypatch):
     assert rows[id(members[1].model)] == loaders[0].rows_per_epoch < 10**9
     for m in members:
         assert not m.tokens_since_fired[::3].any() and (m.tokens_since_fired[1::3] == 5).all()
+
+
+# ------------------------------------------------------------------------------ the window
+
+
+def test_window_candidates_are_the_latents_silent_for_the_last_window_steps(monkeypatch):
+    """The trainer's counters over a planted firing history (the real train_step, with the
+    dictionary's loss replaced by one that reports the planted firings), read through the window:
+    exactly the latents that fired in none of the last W steps, none before W steps were trained;
+    without a window, the dead ones."""
+    n, batch, window, steps = 24, 8, 5, 30
+    spec = DictionarySpec(name="w", architecture="relu", n_latents=n, resample_dead_every=10,
+                          resample_window_steps=window)
+    train = TrainSpec(dictionaries=[spec], batch_size=batch, steps=steps, dead_after_tokens=12 * batch)
+    m = T.new_member(spec, train, 1, D, [1.0], "cpu")
+    rates = torch.linspace(0.0, 0.6, n)  # latent 0 never fires, the last ones often
+    history = torch.rand(steps, n, generator=torch.Generator().manual_seed(4)) < rates
+    history[:, 7] = False
+    history[3, 7] = True  # fires once, early
+    history[14, 9], history[15:, 9] = True, False  # falls silent after step 14
+    calls = iter(range(steps))
+
+    def planted_loss(x, **kwargs):
+        fired = history[next(calls)]
+        return m.model.W_enc.sum() * 0.0, {"loss": torch.zeros(()), "fired": fired, "counts": fired.float()}
+
+    monkeypatch.setattr(m.model, "loss", planted_loss)
+    seen_silent = set()
+    for s in range(steps):
+        T.train_step(m, torch.zeros(batch, 1, D), s, train)
+        got = R.resample_candidates(m.tokens_since_fired, train.dead_after_tokens, window, batch)
+        expected = torch.tensor([s + 1 >= window and not history[max(0, s - window + 1): s + 1, j].any()
+                                 for j in range(n)])
+        assert torch.equal(got, expected), s
+        seen_silent |= set(expected.nonzero().flatten().tolist())
+        last = [max([t for t in range(s + 1) if history[t, j]], default=-1) for j in range(n)]
+        dead = torch.tensor([(s - last[j]) * batch >= train.dead_after_tokens for j in range(n)])
+        assert torch.equal(R.resample_candidates(m.tokens_since_fired, train.dead_after_tokens, 0, batch), dead)
+    assert {0, 7, 9} <= seen_silent and len(seen_silent) < n  # the planted cases, and not everyone
