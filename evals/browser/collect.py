@@ -3,9 +3,10 @@
 Rows come from the trainer's loader (unshuffled validation split, position 0 of each sequence
 skipped unless the dictionary was trained on it; every chunk checked against its CRC-32), at most
 `spec.rows` of them. Each batch is encoded once per *column* (a crosscoder: the joint input, one
-column; an SAE: each model it is applied to, one column each) and handed to the collectors
-(evals/browser/collectors.py). Tokens never go through a model: the token set holds them, and the
-scanned sequences' tokens (4 bytes a row) are read once for the context keys and the windows.
+column; an SAE: each model it is applied to, one column each) straight to its active codes
+(evals/browser/encode.py) and handed to the collectors (evals/browser/collectors.py). Tokens
+never go through a model: the token set holds them, and the scanned sequences' tokens (4 bytes a
+row) are read once for the context keys and the windows.
 
 Rows are named by their *scan row*: store row - `first_row`, where `first_row` is the first row
 of the first validation sequence.
@@ -23,6 +24,7 @@ from pipeline import store as S
 from trainer.loader import ActivationLoader
 
 from .collectors import BinnedSamples, FiringCounts, TopContexts
+from .encode import encode_column_sparse
 from .spec import BrowserSpec
 from .windows import context_keys
 
@@ -64,8 +66,11 @@ class Collection:
 
 
 def default_batch_rows(n_latents: int) -> int:
-    """About 16M codes per batch: dense [rows, latents] codes stay under 64 MiB."""
-    return max(64, min(16384, (1 << 24) // max(n_latents, 1)))
+    """Rows read and handed to the collectors at once. The encode never holds dense codes of a
+    whole batch (evals/browser/encode.py), so this bounds only the active entries: 32M codes
+    (rows x latents), i.e. 512 rows of 65,536 latents and 4,096 rows of up to 8,192, keeps them
+    under ~700 MB even if every code fired; larger batches gained nothing measurable."""
+    return max(256, min(4096, (1 << 25) // max(n_latents, 1)))
 
 
 def encode_column(dictionary, x: torch.Tensor, which: Sequence[int]) -> torch.Tensor:
@@ -74,7 +79,8 @@ def encode_column(dictionary, x: torch.Tensor, which: Sequence[int]) -> torch.Te
 
 
 def active_codes(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The active codes of f [b, latents] as (latent, value, batch row) entries, row-major."""
+    """The active codes of dense f [b, latents] as (latent, value, batch row) entries, row-major
+    (the pass itself uses evals/browser/encode.py, which never makes dense codes)."""
     flat = f.reshape(-1)
     idx = flat.nonzero().squeeze(1)
     L = f.shape[1]
@@ -145,7 +151,7 @@ def collect(inp: ScanInputs, spec: BrowserSpec, *, class_lookups: Mapping[str, n
             x = x[:n].to(device)
             row_keys = keys[scan]
             for c, which in enumerate(inp.column_arrays):
-                lat, val, ri = active_codes(encode_column(dictionary, x, which))
+                lat, val, ri = encode_column_sparse(dictionary, x, which)
                 tops[c].update(lat, val, scan[ri], row_keys[ri])
                 binned[c].update(lat, val, scan[ri])
                 firing[c].update(scan, lat, val, ri)
