@@ -117,14 +117,27 @@ def _verdict(holds: bool | None) -> str:
 
 
 def print_reconstruction(eval_dirs: list[Path], log=print) -> None:
-    """Explained variance of every dictionary on the stored validation tokens, per model and text."""
-    log("== Explained variance on the stored validation tokens (no forward pass), per model: all / per text ==")
+    """Explained variance of every dictionary on the stored validation tokens, per model and text;
+    the few high-norm tokens (attention sinks) apart, since pooled with the rest they set the
+    number (evals/stored_reconstruction.py)."""
+    log("== Explained variance on the stored validation tokens (no forward pass), per model ==")
+    log("   typical tokens and per text; then the high-norm tokens (norm > 10x the mean), and all together")
     for ev in eval_dirs:
         for diff_json in sorted(Path(ev).glob("*/diff.json")):
             by_model = json.loads(diff_json.read_text()).get("reconstruction_by_source") or {}
             for model, groups in by_model.items():
-                parts = [f"{g} {m['explained_variance']:.3f} ({m['tokens']:,} tokens)" for g, m in groups.items()]
-                log(f"  {diff_json.parent.name:<20} {model:<6} " + ", ".join(parts))
+                log(f"  {diff_json.parent.name:<20} {model:<6} " + reconstruction_line(groups))
+
+
+def reconstruction_line(groups: dict) -> str:
+    def ev(name: str) -> str:
+        return f"{name} {groups[name]['explained_variance']:.3f} ({groups[name]['tokens']:,} tokens)"
+
+    texts = [g for g in groups if g not in ("all", "typical", "high_norm")]
+    parts = [ev(g) for g in ("typical", *texts) if g in groups]
+    if "high_norm" in groups:
+        parts += [ev("high_norm"), ev("all")]
+    return ", ".join(parts)
 
 
 def print_checks(lens: LensCheck | None, scaling: list[ScalingCheck], log=print, *, lens_part: bool = True) -> None:

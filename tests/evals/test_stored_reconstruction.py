@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from evals.activations import JOINT, Batch
-from evals.stored_reconstruction import ALL, reconstruction_by_source
+from evals.stored_reconstruction import ALL, HIGH_NORM, TYPICAL, reconstruction_by_source
 from trainer.config import DictionarySpec
 from trainer.dictionaries import build_dictionary
 
@@ -18,9 +18,11 @@ def _ev(x: np.ndarray, x_hat: np.ndarray) -> float:
     return 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
 
 
-def _setup(n_models: int):
+def _setup(n_models: int, spikes=()):
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(N_SEQ * CTX, D, generator=gen) * (1 + m) + m for m in range(n_models)]
+    for row in spikes:  # attention-sink-like tokens, in the first model only
+        xs[0][row] *= 40
     labels = np.array([0, 1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 1])
     spec = DictionarySpec(name="d", architecture="relu", n_latents=16, seed=1)
     model = build_dictionary(spec, n_models, D)
@@ -68,3 +70,28 @@ def test_sae_columns_are_reconstructed_one_model_at_a_time():
         sel = keep & (src == 1)
         np.testing.assert_allclose(got[name]["s1"]["explained_variance"], _ev(x.numpy()[sel], x_hat[sel]), rtol=1e-5)
     assert got["a"][ALL]["explained_variance"] != got["b"][ALL]["explained_variance"]
+
+
+def test_high_norm_tokens_are_reported_apart_and_left_out_of_typical_and_sources():
+    spikes = [9, 17, 50]  # positions 1, 1 and 2 of sequences 1, 2 (austen) and 6 (bible)
+    xs, labels, model, keep, batches = _setup(2, spikes)
+    got = reconstruction_by_source(model, batches, labels, ["bible", "austen"], [JOINT], ["a", "b"], CTX)
+    with torch.no_grad():
+        x_hat = model.decode(model.encode(torch.stack(xs, 1))).numpy()
+    high = np.zeros(N_SEQ * CTX, dtype=bool)
+    high[spikes] = True
+    src = np.repeat(labels, CTX)
+    for m, name in enumerate(["a", "b"]):  # a row high in one model leaves every model's typical groups
+        x = xs[m].numpy()
+        for group, sel in ((ALL, keep), (TYPICAL, keep & ~high), (HIGH_NORM, keep & high),
+                           ("bible", keep & ~high & (src == 0)), ("austen", keep & ~high & (src == 1))):
+            assert got[name][group]["tokens"] == int(sel.sum())
+            np.testing.assert_allclose(got[name][group]["explained_variance"], _ev(x[sel], x_hat[sel, m]),
+                                       rtol=1e-5, atol=1e-6)
+    assert got["a"][HIGH_NORM]["tokens"] == 3
+
+
+def test_no_high_norm_group_without_high_norm_tokens():
+    _, labels, model, _, batches = _setup(1)
+    got = reconstruction_by_source(model, batches, labels, ["s0", "s1"], [JOINT], ["a"], CTX)
+    assert HIGH_NORM not in got["a"] and got["a"][TYPICAL]["tokens"] == got["a"][ALL]["tokens"]
