@@ -45,8 +45,11 @@ all: cache train eval report
 browse: setup
 	$(BIN)/mdiff browse $(CONFIG) $(BROWSE_ARGS)
 
-# SAEBench-class evaluations (core, absorption, sparse probing) of every SAE of an experiment, offline.
+# SAEBench-class evaluations (core, absorption, sparse probing) of every SAE of an experiment, offline;
+# its dictionaries are trained first, or finished from their last checkpoint (nothing when done).
+# The demo's variant study: make saebench CONFIG=benchmarks/saebench-smollm2-demo.toml (after make demo)
 saebench: setup
+	$(BIN)/mdiff train $(CONFIG) --resume
 	$(BIN)/mdiff saebench $(CONFIG)
 
 status: setup
@@ -89,6 +92,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m benchmarks.bench_cache --out BENCHMARKS.md
 	$(BIN)/python -m benchmarks.bench_loader
+	$(BIN)/python -m benchmarks.bench_train_step
 	$(BIN)/python -m benchmarks.bench_eval
 	$(BIN)/python -m benchmarks.bench_browser --out BENCHMARKS.md
 	$(BIN)/python -m benchmarks.bench_saebench --out BENCHMARKS.md

@@ -4,7 +4,10 @@ One local store of synthetic bfloat16 activations (random rows, random tokens, t
 a random sparse crosscoder (ReLU, biases set so each latent fires on 0.02-1% of tokens):
 
   (1) the loader alone: the unshuffled validation stream the pass reads, rows/s;
-  (1b) the loader with the encode (and the active codes picked out): what the pass cannot avoid;
+  (1b) the loader with the pass's encode (evals/browser/encode.py: active codes, no dense codes),
+      what the pass cannot avoid; beside it the bare fp32 matmul on the same rows (the floor: 2 x
+      models x d x latents FLOP a row) and the dense encode the pass used before (encode, then
+      nonzero of the dense codes);
   (2) the collection pass (encode + every collector), rows/s, on the same rows; target >= 0.5 x (1),
       which needs an encode faster than the disk (a GPU); on a CPU (2) / (1b) is the collectors' cost;
   (3) the whole build (pass, examples, windows re-encoded, pages written): seconds and bytes on
@@ -12,6 +15,9 @@ a random sparse crosscoder (ReLU, biases set so each latent fires on 0.02-1% of 
   (4) headless Chromium opening index.html and latent.html#<last latent> from file://: the time
       from the page's script start to the first rendered table / latent (the page records it in
       <body data-ready>), and the wall time of the whole chromium run (process start included).
+
+(5) the demo's size: d_model 576 (SmolLM2-135M), 2 models, 512 latents (the demo's crosscoders) and
+    4,096: loader, encode, matmul and pass rows/s, where the target is and is not met.
 
 `python -m benchmarks.bench_browser` runs the full size (65,536 latents); `--small` a quick run.
 Raw figures go to benchmarks/results/browser.json; with --out the BENCHMARKS.md section too.
@@ -32,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common.helpers import machine_info, machine_line, write_section
+from benchmarks.common.helpers import load_line, machine_info, machine_line, write_section
 from pipeline import store as S
 
 HOOK = "layer1.resid_post"
@@ -133,9 +139,12 @@ def ready_ms(dom: str, attr: str = "data-ready") -> float | None:
     return float(m.group(1)) if m else None
 
 
-def loader_rate(ts, arrays, rows: int, batch: int, dictionary=None) -> float:
-    """Rows/s of the unshuffled validation stream (with `dictionary`: each batch also encoded)."""
+def loader_rate(ts, arrays, rows: int, batch: int, dictionary=None, how: str = "sparse") -> float:
+    """Rows/s of the unshuffled validation stream; with `dictionary` each batch is also encoded:
+    "sparse" the pass's encode, "dense" dictionary.encode then the nonzero codes (the pass before),
+    "matmul" the bare pre-activation matmul (the floor of any fp32 encode)."""
     from evals.browser.collect import active_codes
+    from evals.browser.encode import sparse_encode
     from trainer.loader import ActivationLoader
 
     with ActivationLoader(arrays, ts, split="validation", batch_size=batch, shuffle=False, read_threads=2) as lo:
@@ -143,11 +152,86 @@ def loader_rate(ts, arrays, rows: int, batch: int, dictionary=None) -> float:
         for x in lo:
             if dictionary is not None:
                 with torch.no_grad():
-                    active_codes(dictionary.encode(x.float()))
+                    if how == "sparse":
+                        sparse_encode(dictionary, x.float())
+                    elif how == "dense":
+                        active_codes(dictionary.encode(x.float()))
+                    else:
+                        dictionary.pre_activations(x.float())
             n += x.shape[0]
             if n >= rows:
                 break
         return n / (time.perf_counter() - t)
+
+
+def pass_case(work: Path, *, d: int, latents: int, rows: int, n_models: int = 2) -> dict:
+    """Loader, encode, matmul floor and collection-pass rows/s of one size (no pages written)."""
+    from evals.browser.build import source_names
+    from evals.browser.collect import ScanInputs, collect, default_batch_rows
+    from evals.browser.spec import BrowserSpec
+
+    ts, arrays = synthetic_store(work, rows=rows, d=d, n_models=n_models)
+    val_rows = (ts.n_sequences - ts.n_train_sequences) * (ts.context_length - 1)
+    batch = default_batch_rows(latents)
+    dic = sparse_crosscoder(n_models, d, latents)
+    loader_rate(ts, arrays, val_rows, batch)  # warm the page cache: every rate reads from memory
+    res = {"d_model": d, "n_models": n_models, "latents": latents, "validation_rows": val_rows, "batch_rows": batch,
+           "flop_per_row": 2 * n_models * d * latents, "loader_rows_per_s": loader_rate(ts, arrays, val_rows, batch),
+           "matmul_rows_per_s": loader_rate(ts, arrays, val_rows, batch, dic, "matmul"),
+           "encode_rows_per_s": loader_rate(ts, arrays, val_rows, batch, dic)}
+    # the dense encode on at most 16k rows (it is the slow one)
+    res["dense_encode_rows_per_s"] = loader_rate(ts, arrays, min(val_rows, 16384), batch, dic, "dense")
+    inp = ScanInputs(dic, arrays, ts, ["joint"], [list(range(n_models))], False, source_names(ts.attrs))
+    t = time.perf_counter()
+    coll = collect(inp, BrowserSpec(logit_effects=False), progress=False)
+    res["pass_rows_per_s"] = coll.n_rows / (time.perf_counter() - t)
+    res["mean_l0"] = float(coll.firing[0]["fired"].sum() / max(coll.n_rows, 1))
+    res["pass_over_loader"] = res["pass_rows_per_s"] / res["loader_rows_per_s"]
+    res["pass_over_encode"] = res["pass_rows_per_s"] / res["encode_rows_per_s"]
+    res["matmul_gflop_per_s"] = res["matmul_rows_per_s"] * res["flop_per_row"] / 1e9
+    res["target_met"] = res["pass_over_loader"] >= 0.5
+    return res
+
+
+def case_line(c: dict) -> str:
+    met = "met" if c["target_met"] else "not met"
+    return (f"| {c['latents']:,} | {c['d_model']} x {c['n_models']} | {c['flop_per_row'] / 1e6:,.1f} | "
+            f"{c['loader_rows_per_s']:,.0f} | {0.5 * c['loader_rows_per_s'] * c['flop_per_row'] / 1e9:,.0f} | "
+            f"{c['matmul_rows_per_s']:,.0f} ({c['matmul_gflop_per_s']:.0f} GFLOP/s) | "
+            f"{c['dense_encode_rows_per_s']:,.0f} | {c['encode_rows_per_s']:,.0f} | {c['pass_rows_per_s']:,.0f} | "
+            f"{c['pass_over_encode']:.2f} | {c['pass_over_loader']:.3f} ({met}) |")
+
+
+def section(res: dict, latents: int, d: int, val_rows: int) -> str:
+    """The BENCHMARKS.md text: every case's rates, and plainly where the target is met."""
+    main_case = {**res, "n_models": 2, "d_model": d, "latents": latents,
+                 "matmul_gflop_per_s": res["matmul_rows_per_s"] * res["flop_per_row"] / 1e9,
+                 "target_met": res["pass_over_loader"] >= 0.5}
+    cases = [main_case, *res["demo_cases"]]
+    met = [c for c in cases if c["target_met"]]
+    rows = "\n".join(case_line(c) for c in cases)
+    verdict = ("met for " + ", ".join(f"{c['latents']:,} latents" for c in met) if met else "met for no case")
+    return (f"Browser collection pass (target: pass rows/s >= 0.5 x the loader's rows/s on the same store): "
+            f"**{verdict}** on this CPU. The pass is encode-bound: every row costs a [models x d] x "
+            f"[models x d, latents] fp32 matmul (the MFLOP column); reaching half the loader's rate would take the "
+            f"'needed' GFLOP/s, several times what this CPU's matmul reaches even at 512 latents, and 100x more "
+            f"at 65,536. The encode itself now runs at about the bare matmul's rate: it makes the "
+            f"pre-activations a cache-sized block of latents at a time and keeps only the active codes "
+            f"(evals/browser/encode.py) instead of dense codes, relu and nonzero (the 'dense encode' column, the "
+            f"pass's encode before). The collectors cost the rest (pass / encode; at 65,536 latents a short scan "
+            f"is mostly the top-k heaps filling up). bf16 matmuls would about halve the matmul but move codes "
+            f"by ~0.4% and flip latents at their thresholds, so the pass stays in fp32. On a GPU the matmul is "
+            f"not the bound and the target is the loader's to meet.\n\n"
+            f"| latents | d x models | MFLOP/row | loader rows/s | GFLOP/s needed | fp32 matmul rows/s | "
+            f"dense encode rows/s | encode rows/s | pass rows/s | pass / encode | pass / loader |\n"
+            f"|---|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\n"
+            f"Whole build at {latents:,} latents, d_model {d}, {val_rows:,} validation rows: "
+            f"{res['build_seconds']:.1f} s (pass {res['pass_seconds']:.1f} s; the rest is drawing the "
+            f"{res['examples']:,} examples, re-encoding their windows and writing the pages), "
+            f"{res['bytes'] / 1e6:.1f} MB; "
+            f"index ready {res.get('index_ready_ms')} ms. The demo-size cases are stores of "
+            f"{res['demo_cases'][0]['validation_rows'] if res['demo_cases'] else 0:,} validation rows "
+            f"(enough for steady rates; the demo itself scans its 73,728 validation rows).\n\n{load_line(*res['load_average'])}\n\n{machine_line(res['machine'])}\n")
 
 
 def main(argv=None) -> dict:
@@ -159,6 +243,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--json", default="benchmarks/results/browser.json")
     ap.add_argument("--out", default=None, help="also rewrite this file's browser section (e.g. BENCHMARKS.md)")
+    ap.add_argument("--demo-latents", default="512,4096", help="latents of the demo-size cases (d_model 576)")
+    ap.add_argument("--demo-rows", type=int, default=65536, help="stored rows of the demo-size store (half validation)")
     args = ap.parse_args(argv)
     if args.small:
         args.latents, args.rows = 4096, 32768
@@ -171,10 +257,14 @@ def main(argv=None) -> dict:
     val_rows = (ts.n_sequences - ts.n_train_sequences) * (ts.context_length - 1)
     batch = default_batch_rows(args.latents)
     res: dict = {"latents": args.latents, "d_model": args.d, "validation_rows": val_rows, "batch_rows": batch}
+    load_before = os.getloadavg()
     loader_rate(ts, arrays, val_rows, batch)  # warm the page cache: both passes read from memory
     res["loader_rows_per_s"] = loader_rate(ts, arrays, val_rows, batch)
     dic = sparse_crosscoder(len(arrays), args.d, args.latents)
+    res["flop_per_row"] = 2 * len(arrays) * args.d * args.latents
+    res["matmul_rows_per_s"] = loader_rate(ts, arrays, val_rows, batch, dic, "matmul")
     res["encode_rows_per_s"] = loader_rate(ts, arrays, val_rows, batch, dic)
+    res["dense_encode_rows_per_s"] = loader_rate(ts, arrays, min(val_rows, 16384), batch, dic, "dense")
     t = time.perf_counter()
     built = synthetic_browser(work / "browser", n_latents=args.latents, d=args.d, rows=args.rows,
                               work=work / "store", spec=spec)
@@ -194,16 +284,15 @@ def main(argv=None) -> dict:
             res[f"{page}_ready_ms"] = [x[0] for x in times]
             res[f"{page}_chromium_wall_s"] = [round(x[1], 2) for x in times]
             res[f"{page}_console"] = sorted({c for x in times for c in x[2]})
+    res["demo_cases"] = [pass_case(work / f"store-{576}", d=576, latents=int(n), rows=args.demo_rows)
+                         for n in args.demo_latents.split(",") if n]
+    res["load_average"] = [load_before, os.getloadavg()]
     res["machine"] = machine_info()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=1))
     if args.out:
-        body = (f"Browser: {args.latents:,} latents, d_model {args.d}, {val_rows:,} validation rows. Loader "
-                f"{res['loader_rows_per_s']:,.0f} rows/s, pass {res['pass_rows_per_s']:,.0f} rows/s "
-                f"({res['pass_over_loader']:.2f}x; encode alone {res['encode_rows_per_s']:,.0f} rows/s); build {res['build_seconds']:.1f} s, {res['bytes'] / 1e6:.1f} MB; "
-                f"index ready {res.get('index_ready_ms')} ms.\n\n{machine_line(res['machine'])}\n")
-        write_section(Path(args.out), "browser", body)
+        write_section(Path(args.out), "browser", section(res, args.latents, args.d, val_rows))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return res

@@ -252,9 +252,9 @@ def render(r: dict) -> str:
                     f"SAELens {per['saelens']:.2f} s (a whole run each), sparsify {per['sparsify']:.2f} s. "
                     "sparsify's SAE step decodes with `embedding_bag` over the k chosen decoder rows and its "
                     "fused encoder's backward accumulates only the k chosen rows (`index_add_`), so of the six "
-                    "matmuls of a dense step only the encoder's forward remains; ours runs all six densely (the "
-                    "codes scattered into [batch, latents]). A sparse TopK decode and backward is what would "
-                    "make our step, and so a single-pass run, cheaper.")
+                    "matmuls of a dense step only the encoder's forward remains; ours does the same on a CPU "
+                    "when k / n_latents <= 1/16 (trainer/sparse_decode.py: `embedding_bag` decode, CSR products "
+                    "for the decoder's and the encoder's gradients; see the training-step section).")
     return f"""## Peers: training runs end to end, one SAE and a sweep
 
 {machine_line(r['machine'])}
