@@ -93,6 +93,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.bench_cache --out BENCHMARKS.md
 	$(BIN)/python -m benchmarks.bench_loader
 	$(BIN)/python -m benchmarks.bench_train_step
+	$(BIN)/python -m benchmarks.bench_distributed
 	$(BIN)/python -m benchmarks.bench_eval
 	$(BIN)/python -m benchmarks.bench_browser --out BENCHMARKS.md
 	$(BIN)/python -m benchmarks.bench_saebench --out BENCHMARKS.md

@@ -97,10 +97,11 @@ def sparse_crosscoder(n_models: int, d: int, n_latents: int, seed: int = 0):
 def synthetic_browser(out: Path, *, n_latents: int, d: int, rows: int, spec=None, work: Path | None = None,
                       progress: bool = False) -> dict:
     """Build the browser of a random crosscoder on a synthetic store (no model, no tokenizer)."""
-    from evals.browser.build import render, source_names
+    from evals.browser.build import render
     from evals.browser.collect import ScanInputs
     from evals.browser.modeldiff import diff_stats
     from evals.browser.spec import BrowserSpec
+    from evals.by_source import source_names
 
     spec = spec or BrowserSpec(logit_effects=False)
     ts, arrays = synthetic_store(work or out.parent / "store", rows=rows, d=d)
@@ -166,9 +167,9 @@ def loader_rate(ts, arrays, rows: int, batch: int, dictionary=None, how: str = "
 
 def pass_case(work: Path, *, d: int, latents: int, rows: int, n_models: int = 2) -> dict:
     """Loader, encode, matmul floor and collection-pass rows/s of one size (no pages written)."""
-    from evals.browser.build import source_names
     from evals.browser.collect import ScanInputs, collect, default_batch_rows
     from evals.browser.spec import BrowserSpec
+    from evals.by_source import source_names
 
     ts, arrays = synthetic_store(work, rows=rows, d=d, n_models=n_models)
     val_rows = (ts.n_sequences - ts.n_train_sequences) * (ts.context_length - 1)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evals.by_source import source_names
 from evals.config import EvalExperiment, EvalSpec
 from evals.latent_page import display_token, svg_histogram
 from evals.token_classes import TokenTable, token_table
@@ -35,16 +36,6 @@ from .spec import BrowserSpec
 
 BROWSER_DIR = "browser"
 JOINT = "joint"
-
-
-def source_names(attrs: dict) -> list[str]:
-    """Readable names of a token set's sources: the dataset name or the files' base names."""
-    out = []
-    for i, d in enumerate(attrs.get("sources") or []):
-        files = [f[0] for f in d.get("files") or [] if isinstance(f, list) and f]
-        name = d.get("name") or ", ".join(files[:2]) + (" ..." if len(files) > 2 else "") or f"source {i}"
-        out.append(name if name not in out else f"{name} ({i})")
-    return out
 
 
 def scan_inputs(trained, cfg: EvalExperiment, log: Callable[..., None]) -> ScanInputs:
