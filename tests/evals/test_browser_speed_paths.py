@@ -12,6 +12,7 @@ import torch
 from evals.browser import collectors as K
 from evals.browser.collect import active_codes
 from evals.browser.encode import sparse_encode
+from tests.evals.test_browser_collectors import brute_top
 from trainer.architectures import ARCHITECTURES
 from trainer.config import DictionarySpec
 from trainer.dictionaries import build_dictionary
@@ -49,21 +50,6 @@ def test_sparse_encode_is_the_nonzero_codes_of_encode(arch, n_models):
         torch.testing.assert_close(got[0], lat[want], rtol=0, atol=0)
         torch.testing.assert_close(got[2], row[want], rtol=0, atol=0)
         torch.testing.assert_close(got[1], val[want], rtol=1e-6, atol=1e-6)
-
-
-def brute_top(f, keys, k):
-    """Per latent, rows by value descending then row ascending; the first row of each context."""
-    vals, rows = np.zeros((f.shape[1], k), np.float32), np.full((f.shape[1], k), -1)
-    for j in range(f.shape[1]):
-        seen, got = set(), []
-        for r in np.argsort(-f[:, j], kind="stable"):
-            if f[r, j] <= 0 or len(got) == k:
-                break
-            if keys[r] not in seen:
-                seen.add(keys[r])
-                got.append(r)
-        vals[j, :len(got)], rows[j, :len(got)] = f[got, j], got
-    return vals, rows
 
 
 def feed(f, keys, k, bounds, order="row"):
