@@ -399,7 +399,7 @@ def test_demo_pipeline_on_tiny_models_prints_the_finding(pipeline_run):
     assert sum(line.strip().startswith("-> ") for line in lines) == 1 + 2 + 2
     assert any(line.startswith("== Check: the activation-difference lens") for line in lines)
     recon = [line for line in lines if line.strip().startswith(("batchtopk-k32", "l1", "sae-batchtopk-k32"))
-             and " all " in line and "austen" in line]
+             and " typical " in line and "austen" in line]
     assert len(recon) == 2 + 2 + 2  # every dictionary on each model, per text
     assert any("base 3.000 -> kjv 2.500 (-0.500)" in line for line in lines)
 

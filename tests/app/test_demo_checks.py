@@ -68,3 +68,16 @@ def test_scaling_check_answers_by_the_genuine_latents_preference(tmp_path):
     assert artifacts.holds is False and "none genuine" in artifacts.reason
     none = DC.scaling_check(_scaling_json(tmp_path, {}), fa, fb, "cc")
     assert none.holds is None and "no latent is exclusive to kjv (Delta >= 0.9)" in none.reason
+
+
+def test_reconstruction_line_puts_typical_and_texts_first_and_high_norm_tokens_apart():
+    def m(ev, n):
+        return {"explained_variance": ev, "tokens": n}
+
+    groups = {"all": m(0.98, 1030), "typical": m(0.8, 1000), "kjv.txt": m(0.79, 600), "austen.txt": m(0.81, 400),
+              "high_norm": m(0.999, 30)}
+    assert DC.reconstruction_line(groups) == ("typical 0.800 (1,000 tokens), kjv.txt 0.790 (600 tokens), "
+                                              "austen.txt 0.810 (400 tokens), high_norm 0.999 (30 tokens), "
+                                              "all 0.980 (1,030 tokens)")
+    del groups["high_norm"]  # no high-norm token: "all" would repeat "typical"
+    assert DC.reconstruction_line(groups).endswith("austen.txt 0.810 (400 tokens)")
