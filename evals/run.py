@@ -70,7 +70,7 @@ def run_eval(cfg: ExperimentConfig, progress: bool = True, log=print,
         dead = "unknown" if m["dead_latents"] is None else m["dead_latents"]
         log(f"  {name}: L0 {m['l0']:.1f}, dead in training {dead}, silent on eval "
             f"{m['silent_on_eval']} (on {m['silent_on_eval_tokens']} tokens), "
-            + ", ".join(f"{m}: ΔCE {v['ce_diff']:.4f} CE recovered {v['ce_loss_score']:.3f} "
+            + ", ".join(f"{m}: ΔCE {v['ce_diff']:.4f} ± {v['ce_diff_stderr']:.4f} CE recovered {v['ce_loss_score']:.3f} "
                         f"EV {v['explained_variance']:.3f}" for m, v in per_model.items()))
     lens = None
     if ev.diff_lens is not None:

@@ -36,6 +36,11 @@ target. Per model:
     ce_loss_without_sae / _with_sae / _with_ablation / _with_mean_ablation
                        mean next-token cross entropy (nats) of clean / spliced / zero / mean
     ce_diff            = ce_loss_with_sae - ce_loss_without_sae
+    ce_diff_stderr     = the standard error of ce_diff over the evaluated sequences: the sample
+                         standard deviation of the per-sequence ce_diffs / sqrt(sequences) (the
+                         sequences, not the tokens, are the independent units: a sequence's
+                         tokens share their context). On a CPU the splice covers few sequences;
+                         this says how far the figure can move.
     ce_loss_score      = 1 - (ce_with_sae - ce_clean) / (ce_with_ablation - ce_clean)  (CE recovered)
     kl_div_with_sae    = mean over predictions of KL(p_clean || p_spliced)   (nats; each
                          prediction's KL clamped at 0 against rounding)
@@ -203,6 +208,12 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b != 0 else math.nan
 
 
+def _stderr(values: Tensor) -> float:
+    """Standard error of the mean of `values` (NaN for fewer than 2)."""
+    n = values.numel()
+    return float(values.std() / math.sqrt(n)) if n > 1 else math.nan
+
+
 def _stacked(stack_variants: bool | None, device) -> bool:
     """One forward of the 4 variants stacked (4b sequences) or four of b. A GPU is busier with
     the larger batch; on a CPU the four smaller forwards measured faster (BENCHMARKS.md)."""
@@ -252,6 +263,7 @@ def evaluate_dictionary(dict_dir: str | os.PathLike, cfg: ExperimentConfig, *,
         per_model = [ReconstructionStats() for _ in names]
         joint = ReconstructionStats()
         losses = [torch.zeros(2, len(VARIANTS), dtype=torch.float64) for _ in names]
+        seq_diffs: list[list[Tensor]] = [[] for _ in names]  # per model, per batch: [b] ce_diffs
         n_pred = 0
         store_err = [[0.0, 0.0] for _ in names]
         active_sum, abs_sum = 0.0, 0.0
@@ -293,6 +305,7 @@ def evaluate_dictionary(dict_dir: str | os.PathLike, cfg: ExperimentConfig, *,
                 vl = variant_losses(lm.model, final, ids_dev, len(splices))
                 losses[i][0] += vl.nll
                 losses[i][1] += vl.kl
+                seq_diffs[i].append((vl.nll_per_sequence[1] - vl.nll_per_sequence[0]) / (ctx - 2))
                 if i_batch == 0 and store_err[i][1] > 0:
                     rel = math.sqrt(store_err[i][0] / store_err[i][1])
                     if not rel <= STORE_MISMATCH_LIMIT:
@@ -314,7 +327,7 @@ def evaluate_dictionary(dict_dir: str | os.PathLike, cfg: ExperimentConfig, *,
         results[name] = {
             "ce_loss_without_sae": clean, "ce_loss_with_sae": spliced,
             "ce_loss_with_ablation": zero, "ce_loss_with_mean_ablation": mean,
-            "ce_diff": spliced - clean,
+            "ce_diff": spliced - clean, "ce_diff_stderr": _stderr(torch.cat(seq_diffs[i])),
             "ce_loss_score": 1.0 - _ratio(spliced - clean, zero - clean),
             "kl_div_with_sae": kl[1], "kl_div_with_ablation": kl[2],
             "kl_div_with_mean_ablation": kl[3],

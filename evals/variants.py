@@ -120,6 +120,7 @@ class VariantLosses:
     nll: Tensor  # [V]: sum of -log p(next token)
     kl: Tensor  # [V]: sum of KL(p_variant0 || p_variant) (0 for variant 0)
     count: int  # predictions scored per variant
+    nll_per_sequence: Tensor  # [V, b]: the nll sums of each sequence (the units of a standard error)
 
 
 def variant_losses(model: nn.Module, final: Tensor, ids: Tensor, n_variants: int) -> VariantLosses:
@@ -134,14 +135,18 @@ def variant_losses(model: nn.Module, final: Tensor, ids: Tensor, n_variants: int
     vocab = model.get_output_embeddings().weight.shape[0]
     step = max(1, _LOGIT_ELEMENTS // vocab)
     nll, kl = [], []  # float32 sums per chunk, added up in float64 on the CPU at the end
+    per_seq = torch.zeros(n_variants, b, device=h.device)  # a few hundred terms each: float32 holds
     for lo in range(0, h.shape[1], step):
         logp = torch.log_softmax(logits(h[:, lo:lo + step]), dim=-1)  # [V, R, vocab]
         tgt = targets[lo:lo + step]
-        nll.append(-logp.gather(-1, tgt.expand(n_variants, -1)[..., None]).squeeze(-1).sum(1))
+        per_pred = -logp.gather(-1, tgt.expand(n_variants, -1)[..., None]).squeeze(-1)  # [V, R]
+        nll.append(per_pred.sum(1))
+        seq = torch.arange(lo, lo + per_pred.shape[1], device=h.device) // (t - 2)
+        per_seq.index_add_(1, seq, per_pred)
         # KL(p0 || pj) = sum p0 (log p0 - log pj) per prediction, exactly 0 where log pj equals
         # log p0 bit for bit; clamped at 0 since rounding can make a near-zero KL slightly negative
         # in place on log pj (j >= 1, no longer needed): no [V-1, R, vocab] temporaries
         per_token = logp[1:].neg_().add_(logp[0]).mul_(logp[0].exp()).sum(-1)  # [V-1, R]
         kl.append(F.pad(per_token.clamp_min(0).sum(1), (1, 0)))  # variant 0: exactly 0
     return VariantLosses(torch.stack(nll).cpu().double().sum(0),
-                         torch.stack(kl).cpu().double().sum(0), b * (t - 2))
+                         torch.stack(kl).cpu().double().sum(0), b * (t - 2), per_seq.cpu().double())

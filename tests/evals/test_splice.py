@@ -12,6 +12,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -239,6 +240,23 @@ def test_trained_crosscoder_and_sae(setup):
             cc["metrics"]["per_model"][name]["ce_loss_with_sae"], abs=1e-4)
 
 
+def test_ce_diff_stderr_is_the_spread_of_the_per_sequence_ce_diffs(setup):
+    """Brute force: the first k sequences' ce_diff, k = 1..6, gives each sequence's own ce_diff
+    (every sequence scores the same number of predictions); their sample standard deviation over
+    sqrt(6) is the standard error reported for 6 sequences, whatever the batching."""
+    full = [evaluate(setup, setup["sae"], n_sequences=6, batch_size=b)["metrics"]["per_model"]["llama-s0"]
+            for b in (6, 4)]
+    means = [evaluate(setup, setup["sae"], n_sequences=k, batch_size=4)["ce_diff"]["llama-s0"]
+             for k in range(1, 7)]
+    per_seq = np.array([k * m - (k - 1) * p for k, m, p in zip(range(1, 7), means, [0.0, *means])])
+    # each ce_diff is a difference of two float32 mean losses; recovering one sequence amplifies that k-fold
+    assert full[0]["ce_diff"] == pytest.approx(per_seq.mean(), abs=1e-6)
+    expected = per_seq.std(ddof=1) / np.sqrt(6)
+    assert expected > 0
+    for m in full:
+        assert m["ce_diff_stderr"] == pytest.approx(expected, rel=1e-2)  # ddof=0 would be 9.5% off
+
+
 def test_batched_variants_equal_separate_forwards(setup):
     """One batch of the trained crosscoder: the 4*b stacked forward against four b forwards."""
     meta = json.loads((setup["crosscoder"] / "config.json").read_text())
@@ -263,6 +281,13 @@ def test_batched_variants_equal_separate_forwards(setup):
         torch.testing.assert_close(both[0].nll, both[1].nll, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(both[0].kl, both[1].kl, rtol=1e-5, atol=1e-7)
         assert both[0].count == both[1].count == b * (ctx - 2)
+        torch.testing.assert_close(both[0].nll_per_sequence, both[1].nll_per_sequence, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(both[0].nll_per_sequence.sum(1), both[0].nll, rtol=1e-6, atol=1e-6)
+        with torch.inference_mode():  # each sequence's sums from the full logits
+            final = SP.spliced_final_hidden(model, ids, hook, splices, batched=False)
+            logp = torch.log_softmax(SP.logits_fn(model)(final), -1).view(4, b, ctx, -1)
+        want = -logp[:, :, 1:-1].gather(-1, ids[:, 2:].expand(4, b, -1)[..., None]).squeeze(-1).double().sum(-1)
+        torch.testing.assert_close(both[1].nll_per_sequence, want, rtol=1e-5, atol=1e-4)
         assert len(set(both[0].nll.tolist())) == 4  # the four variants really differ
 
 
