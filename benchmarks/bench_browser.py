@@ -212,7 +212,8 @@ def section(res: dict, latents: int, d: int, val_rows: int) -> str:
     met = [c for c in cases if c["target_met"]]
     rows = "\n".join(case_line(c) for c in cases)
     verdict = ("met for " + ", ".join(f"{c['latents']:,} latents" for c in met) if met else "met for no case")
-    return (f"Browser collection pass (target: pass rows/s >= 0.5 x the loader's rows/s on the same store): "
+    return (f"## The latent browser: collection pass and pages (`benchmarks/bench_browser.py`)\n\n"
+            f"Browser collection pass (target: pass rows/s >= 0.5 x the loader's rows/s on the same store): "
             f"**{verdict}** on this CPU. The pass is encode-bound: every row costs a [models x d] x "
             f"[models x d, latents] fp32 matmul (the MFLOP column); reaching half the loader's rate would take the "
             f"'needed' GFLOP/s, several times what this CPU's matmul reaches even at 512 latents, and 100x more "
