@@ -71,7 +71,12 @@ def run_eval(cfg: ExperimentConfig, progress: bool = True, log=print,
         log(f"  {name}: L0 {m['l0']:.1f}, dead in training {dead}, silent on eval "
             f"{m['silent_on_eval']} (on {m['silent_on_eval_tokens']} tokens), "
             + ", ".join(f"{m}: ΔCE {v['ce_diff']:.4f} ± {v['ce_diff_stderr']:.4f} CE recovered {v['ce_loss_score']:.3f} "
-                        f"EV {v['explained_variance']:.3f}" for m, v in per_model.items()))
+                        f"EV {v['explained_variance']:.3f}" for m, v in per_model.items())
+            + " (EV of the spliced tokens, high-norm ones included)")
+        stored = {m: g.get("typical") for m, g in (diff.get("reconstruction_by_source") or {}).items()}
+        if stored and all(stored.values()):
+            log(f"  {name}: EV on the stored validation rows, typical tokens (high-norm ones apart in diff.json): "
+                + ", ".join(f"{m} {g['explained_variance']:.3f} ({g['tokens']:,} tokens)" for m, g in stored.items()))
     lens = None
     if ev.diff_lens is not None:
         lens = run_difference_lens(cfg, ev.diff_lens, out / "diff_lens", progress=progress, log=log)

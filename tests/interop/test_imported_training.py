@@ -162,8 +162,14 @@ def test_imported_model_with_weights_splices(tmp_path):
     wrong = dataclasses.replace(cfg, models=[dataclasses.replace(cfg.models[0], path=str(other))])
     with pytest.raises(SpliceError, match="differ from the stored ones"):
         run_eval(wrong, progress=False, log=quiet)
-    splice = run_eval(cfg, progress=False, log=quiet)["relu"]["splice"]
+    lines: list[str] = []
+    result = run_eval(cfg, progress=False, log=lambda *a: lines.append(" ".join(map(str, a))))["relu"]
+    splice = result["splice"]
     metrics = splice["metrics"]["per_model"]["tiny"]
+    # the log gives ΔCE with its standard error, and the stored-row EV of the typical tokens
+    typical = result["diff"]["reconstruction_by_source"]["tiny"]["typical"]
+    assert any(f"ΔCE {metrics['ce_diff']:.4f} ± {metrics['ce_diff_stderr']:.4f}" in line for line in lines)
+    assert any(f"tiny {typical['explained_variance']:.3f} ({typical['tokens']:,} tokens)" in line for line in lines)
     assert metrics["store_rel_error"] < 1e-4  # the imported rows are this model's activations
     assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("ce_loss_without_sae", "ce_loss_with_sae"))
     assert (tmp_path / "runs" / "spliced" / "eval" / "relu" / "splice.json").is_file()
