@@ -3,7 +3,7 @@
     browser/
       index.html            every latent in a sortable, filterable table (index.html#latent-123)
       latent.html           one latent at a time: latent.html#123
-      assets/               browser.css, index.js, latent.js
+      assets/               browser.css, format.js (numbers), index.js, latent.js
       data/meta.js          the run: dictionary, models, columns, groups, block layout
       data/index.js         the index table, columnar
       data/vocab.js         every token id as shown (line breaks and tabs made visible)
@@ -24,6 +24,7 @@ from pathlib import Path
 from evals.latent_page import esc
 from pipeline.records import atomic_write_text
 
+from .static_format import FORMAT_JS
 from .static_index import INDEX_JS
 from .static_latent import LATENT_JS
 from .static_style import CSS
@@ -68,7 +69,7 @@ def index_html(title: str, subtitle: str, summary: Sequence[tuple[str, str]], fi
             "can be linked. Each latent's page is latent.html#&lt;id&gt;.</p>\n</main>")
     header = ("<span class=\"spacer-flex\"></span><input type=\"search\" id=\"q\" inputmode=\"numeric\" "
               "placeholder=\"Latent id, Enter to open\" aria-label=\"latent id\">")
-    return _page(title, header, body, ["data/meta.js", "data/index.js", "assets/index.js"])
+    return _page(title, header, body, ["data/meta.js", "data/index.js", "assets/format.js", "assets/index.js"])
 
 
 def latent_html(title: str) -> str:
@@ -77,7 +78,7 @@ def latent_html(title: str) -> str:
               "<input type=\"search\" id=\"q\" inputmode=\"numeric\" placeholder=\"Go to latent\" "
               "aria-label=\"latent id\"><button id=\"json\" type=\"button\">Download JSON</button>")
     body = "<main id=\"latent\"><p class=\"note\">Loading\u2026</p></main>"
-    return _page(title, header, body, ["data/meta.js", "data/vocab.js", "assets/latent.js"])
+    return _page(title, header, body, ["data/meta.js", "data/vocab.js", "assets/format.js", "assets/latent.js"])
 
 
 def write_browser(out: str | Path, *, meta: dict, index: dict, vocab: Sequence[str], blocks,
@@ -92,7 +93,7 @@ def write_browser(out: str | Path, *, meta: dict, index: dict, vocab: Sequence[s
     (out / "data").mkdir(parents=True, exist_ok=True)
     n_blocks = -(-meta["n_latents"] // meta["block_size"])
     meta = {**meta, "block_files": [block_file(b) for b in range(n_blocks)]}
-    files = {"assets/browser.css": CSS, "assets/index.js": INDEX_JS, "assets/latent.js": LATENT_JS,
+    files = {"assets/browser.css": CSS, "assets/format.js": FORMAT_JS, "assets/index.js": INDEX_JS, "assets/latent.js": LATENT_JS,
              "data/meta.js": as_script("MDIFF_META", meta), "data/index.js": as_script("MDIFF_INDEX", index),
              "data/vocab.js": as_script("MDIFF_VOCAB", list(vocab)),
              "index.html": index_html(title, subtitle, summary, figures), "latent.html": latent_html(title)}

@@ -10,7 +10,7 @@ scrolls to latent 123 and highlights it. Plain ES2020, no libraries: it must run
 INDEX_JS = r"""
 (function () {
   "use strict";
-  const M = window.MDIFF_META, D = window.MDIFF_INDEX;
+  const M = window.MDIFF_META, D = window.MDIFF_INDEX, F = window.MDIFF_FORMAT;
   const t0 = performance.now();
   const ROW = 28, n = M.n_latents, cols = D.columns;
   const $ = (id) => document.getElementById(id);
@@ -26,12 +26,7 @@ INDEX_JS = r"""
   function fmt(c, v) {
     if (c.kind === "cat") return c.cats[v];
     if (c.kind === "int") return String(v);
-    if (v === null || Number.isNaN(v)) return "\u2013";
-    const a = Math.abs(v);
-    if (a === 0) return "0";
-    if (c.pct) return a < 1e-4 ? (100 * v).toExponential(1) + "%" : (100 * v).toPrecision(3) + "%";
-    if (a < 1e-3 || a >= 1e5) return v.toExponential(2);
-    return v.toPrecision(4).replace(/\.?0+$/, "");
+    return c.pct ? F.pct(v) : F.num(v);
   }
   function readHash() {
     const h = decodeURIComponent(location.hash.slice(1));

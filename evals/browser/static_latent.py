@@ -27,17 +27,7 @@ LATENT_JS = r"""
     }
     return e;
   }
-  function num(v, d = 4) {
-    if (v === null || v === undefined || Number.isNaN(v)) return "\u2013";
-    const a = Math.abs(v);
-    if (a === 0) return "0";
-    if (a < 1e-3 || a >= 1e5) return v.toExponential(2);
-    return v.toPrecision(d).replace(/\.?0+$/, "");
-  }
-  function pct(v) {
-    if (v === null) return "\u2013";
-    return v > 0 && v < 1e-4 ? (100 * v).toExponential(1) + "%" : (100 * v).toPrecision(3) + "%";
-  }
+  const {num, pct} = window.MDIFF_FORMAT;
   const tok = (id) => (id >= 0 && id < V.length ? V[id] : "<id " + id + ">");
   const card = (title, ...kids) => el("div", {class: "card"}, el("h3", {text: title}), ...kids);
   const note = (text) => el("p", {class: "note", text});

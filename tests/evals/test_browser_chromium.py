@@ -108,3 +108,24 @@ def test_a_bad_latent_id_explains_itself(browser):
     path, _ = browser
     dom, console, _ = open_page(f"file://{path}/latent.html#{N_LATENTS + 5}")
     assert console == [] and 'class="error"' in dom and f"from 0 to {N_LATENTS - 1}" in dom
+
+
+def test_numbers_keep_their_integer_zeros(tmp_path):
+    """The pages' one number formatter, run in Chromium: trailing zeros go only after a decimal point
+    (10.4 to 2 digits once read "1", and a maximum activation of 1230 read "123")."""
+    from evals.browser.static_format import FORMAT_JS
+
+    cases = [("num(10.4, 2)", "10"), ("num(1230)", "1230"), ("num(150, 3)", "150"), ("num(0.5)", "0.5"),
+             ("num(20)", "20"), ("num(722.7)", "722.7"), ("num(-10.4, 2)", "-10"), ("num(0)", "0"),
+             ("num(1e-4)", "1.00e-4"), ("num(123456)", "1.23e+5"), ("pct(0)", "0%"), ("pct(0.0152)", "1.52%"),
+             ("pct(5e-5)", "5.0e-3%")]
+    (tmp_path / "format.js").write_text(FORMAT_JS)
+    calls = ", ".join(expr for expr, _ in cases)
+    (tmp_path / "page.html").write_text(
+        '<!doctype html><html><body><pre id="out"></pre><script src="format.js"></script><script>'
+        f"const {{num, pct}} = window.MDIFF_FORMAT; document.getElementById('out').textContent = "
+        f"[{calls}].join('|');</script></body></html>")
+    dom, console, _ = open_page(f"file://{tmp_path}/page.html")
+    assert console == []
+    shown = re.search(r'<pre id="out">(.*?)</pre>', dom).group(1).split("|")
+    assert shown == [want for _, want in cases]
