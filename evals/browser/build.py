@@ -19,6 +19,7 @@ import torch
 from evals.by_source import source_names
 from evals.config import EvalExperiment, EvalSpec
 from evals.latent_page import display_token, svg_histogram
+from evals.latent_scaling import EXCLUSIVE_CLASSES
 from evals.token_classes import TokenTable, token_table
 from pipeline import experiment as E
 from pipeline import store as S
@@ -106,7 +107,9 @@ def render(inp: ScanInputs, out: str | Path, *, spec: BrowserSpec, diff: DiffSta
     meta = {**info, "columns": coll.columns, "models": diff.models, "n_latents": coll.n_latents,
             "n_rows": coll.n_rows, "context_length": coll.context_length, "block_size": spec.block_size,
             "center": spec.context_before, "groups": groups, "logit_models": logit_models,
-            "dead_known": diff.dead_known, "spec": spec.__dict__}
+            "dead_known": diff.dead_known, "spec": spec.__dict__,
+            # the Latent Scaling classes that say something (genuine or an artifact): the page's badge
+            "nu_badge_classes": list(EXCLUSIVE_CLASSES)}
     summary = [("dictionary", f"{info['dictionary']} ({info['kind']}, {coll.n_latents:,} latents)"),
                ("models", ", ".join(diff.models)), ("hook", info["hook"]),
                ("tokens scanned", f"{coll.n_rows:,} validation tokens of {len(coll.tokens):,} sequences"),

@@ -159,6 +159,8 @@ def index_table(coll: Collection, diff: DiffStats) -> dict:
         num("nu_r", "\u03bd_r", s.nu_r, f"Latent Scaling nu_r {s.pair}")
         ncats = sorted(set(s.classes.tolist()))
         cols.append({"key": "nu_class", "label": "\u03bd class", "kind": "cat", "cats": ncats,
+                     "title": "Latent Scaling class of latents exclusive to a model (genuine, shrinkage, "
+                              "decoupling); the others by Minder's Delta (shared, other)",
                      "values": [ncats.index(c) for c in s.classes.tolist()]})
     cols.append({"key": "dead", "label": "dead", "kind": "int", "values": diff.dead.astype(int).tolist()})
     shown = [c["key"] for c in cols if c["key"] != "dead"]

@@ -86,8 +86,10 @@ LATENT_JS = r"""
   }
   function header(id, r) {
     const cls = r.class.replace(/[^a-z]/gi, "") + (r.class.endsWith("-only") ? " only" : "");
-    const nu = (r.diff.nu || []).filter((s) => s.class)
-      .map((s) => el("span", {class: "badge nu", text: "\u03bd: " + s.class}));
+    // Latent Scaling classes an exclusive latent (genuine, shrinkage, ...); the others' classes
+    // (shared, other) only restate the relative norm, so they get no badge
+    const nu = (r.diff.nu || []).filter((s) => (M.nu_badge_classes || []).includes(s.class))
+      .map((s) => el("span", {class: "badge nu", title: `Latent Scaling, ${s.pair}`, text: "\u03bd: " + s.class}));
     return el("div", {}, el("h1", {}, `Latent ${id}`, el("span", {class: "badge " + cls, text: r.class}),
       r.dead ? el("span", {class: "badge dead", text: "dead in training"}) : null, ...nu),
       el("p", {class: "sub",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.bench_browser import chromium, open_page
 from evals.browser import BrowserSpec, build_browser, latent_json
 from evals.browser.exports import _script_json
 from evals.browser.modeldiff import LatentScalingFileError
@@ -233,6 +234,7 @@ def test_latent_scaling_csv_and_the_dead_mask_are_shown(trained, tmp_path, monke
     monkeypatch.setattr(TrainedDictionary, "dead_mask", lambda self: dead, raising=False)
     (tmp_path / "latent_scaling.csv").write_text("latent,base,ft,nu_epsilon,nu_r,class\n"
                                                  "1,llama-s0,llama-s1,0.1,0.3,genuine\n"
+                                                 "3,llama-s0,llama-s1,0.5,0.6,other\n"
                                                  "4,llama-s0,llama-s1,0.9,,shrinkage\n")
     spec = BrowserSpec(**{**SPEC.__dict__, "rows": 60, "logit_effects": False})
     build_browser(dict_dir, cfg, EVAL, tmp_path, spec=spec, tokenizer=fx["tokenizer"], progress=False)
@@ -243,6 +245,11 @@ def test_latent_scaling_csv_and_the_dead_mask_are_shown(trained, tmp_path, monke
     index = _script_json(tmp_path / "browser" / "data" / "index.js", "window.MDIFF_INDEX = ")
     cols = {c["key"]: c for c in index["columns"]}
     assert cols["nu_eps"]["values"][1] == 0.1 and cols["dead"]["values"][5] == 1
+    if chromium():  # the page badges the classes of exclusive latents only, not "other" or "shared"
+        for latent, badge in ((1, "\u03bd: genuine"), (4, "\u03bd: shrinkage"), (3, None)):
+            dom, console, _ = open_page(f"file://{tmp_path}/browser/latent.html#{latent}")
+            assert console == [] and f"<h1>Latent {latent}" in dom
+            assert (badge in dom) if badge else 'class="badge nu"' not in dom
     (tmp_path / "latent_scaling.csv").write_text("latent,nu_epsilon,nu_r,class\n99,0.1,0.2,x\n")
     with pytest.raises(LatentScalingFileError, match="latent 99 is outside"):
         build_browser(dict_dir, cfg, EVAL, tmp_path, spec=spec, tokenizer=fx["tokenizer"], progress=False)
