@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from mdiff.config import load_config
-from mdiff.tiny import build_fixture, write_config
 from mdiff.tiny import train_section as tiny_train_section
-from pipeline.cache import run_cache
+from mdiff.tiny import write_config
 from pipeline.typed_config import ConfigError
+from tests.support import cache_tiny_store, interrupt_training_at
 from trainer import train as T
 from trainer.config import DictionarySpec, TrainSpec
 from trainer.distributed import BatchReduce, Distributed, choose_parallel
@@ -43,11 +43,7 @@ SAES = [{"name": "btk", "architecture": "batchtopk", "n_latents": 64, "k": 4},
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    fx = build_fixture(d, archs=("llama",), seeds=(0, 1), n_docs=300, d_model=32, n_layers=2)
-    cfg = write_config(d / "cache.toml", fx, n_tokens=4096, hooks=((1, "resid_post"),), store=str(d / "store"))
-    run_cache(load_config(cfg), log=lambda *a: None, progress=False)
-    return d, fx
+    return cache_tiny_store(tmp_path_factory.mktemp("dist"), n_docs=300, n_layers=2, n_tokens=4096)
 
 
 def config(cached, name, models, dictionaries, parallel="auto", steps=120) -> Path:
@@ -142,15 +138,8 @@ def test_data_parallel_crosscoders_equal_one_process_and_resume_from_one_on_two(
 
     # started on one process, stopped after its checkpoint at step 60, resumed on two
     part = config(cached, "part", models, CROSS, parallel="data")
-    real_step = T.train_step
-
-    def stop_at_70(m, x, step, *args, **kwargs):
-        if step == 70:
-            raise _Stop
-        return real_step(m, x, step, *args, **kwargs)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "train_step", stop_at_70)
+        interrupt_training_at(mp, 70, _Stop)
         with pytest.raises(_Stop):
             one_process(part)
     out = ref.parent / "part"

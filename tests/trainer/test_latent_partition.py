@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from evals.decoder_norms import DEAD, SHARED, decoder_norm_analysis, only
 from mdiff.config import load_config, parse_config
-from mdiff.tiny import build_fixture, train_section, write_config
-from pipeline.cache import run_cache
+from mdiff.tiny import train_section, write_config
 from pipeline.typed_config import ConfigError
+from tests.support import cache_tiny_store, interrupt_training_at
 from trainer import checkpoint as ckpt
 from trainer import train as T
 from trainer.config import DictionarySpec, TrainSpec
@@ -244,11 +244,7 @@ def test_config_refuses_partitions_that_cannot_work(tmp_path, models, keys, expe
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    d = tmp_path_factory.mktemp("partition")
-    fx = build_fixture(d, archs=("llama",), seeds=(0, 1), n_docs=300, d_model=32, n_layers=2)
-    cfg = write_config(d / "cache.toml", fx, n_tokens=4096, hooks=((1, "resid_post"),), store=str(d / "store"))
-    run_cache(load_config(cfg), log=lambda *a: None, progress=False)
-    return d, fx
+    return cache_tiny_store(tmp_path_factory.mktemp("partition"), n_docs=300, n_layers=2, n_tokens=4096)
 
 
 PARTITIONED = [
@@ -269,15 +265,7 @@ def test_partition_survives_checkpoints_resume_and_save(cached, monkeypatch):
 
     full = T.run_train(load_config(config("full")), log=lambda *a: None, progress=False)
     cfg = load_config(config("cut"))
-    real_step, calls = T.train_step, {"n": 0}
-
-    def dying_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2 * 14:  # two dictionaries per step: dies during step 15, after checkpoint 10
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(T, "train_step", dying_step)
+    real_step = interrupt_training_at(monkeypatch, 14)  # dies at step 15 (1-based), after checkpoint 10
     with pytest.raises(KeyboardInterrupt):
         T.run_train(cfg, log=lambda *a: None, progress=False)
     monkeypatch.setattr(T, "train_step", real_step)

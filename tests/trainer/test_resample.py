@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from mdiff.config import load_config
-from mdiff.tiny import build_fixture, write_config
 from mdiff.tiny import train_section as tiny_train_section
-from pipeline.cache import run_cache
+from mdiff.tiny import write_config
+from tests.support import cache_tiny_store, interrupt_training_at
 from trainer import resample as R
 from trainer import train as T
 from trainer.config import DictionarySpec, TrainSpec
@@ -167,11 +167,7 @@ RELU = {"name": "relu", "architecture": "relu", "n_latents": 128, "l1_coefficien
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    d = tmp_path_factory.mktemp("resample")
-    fx = build_fixture(d, archs=("llama",), seeds=(0, 1), n_docs=600, d_model=32, n_layers=3)
-    cfg = write_config(d / "cache.toml", fx, n_tokens=8192, hooks=((1, "resid_post"),), store=str(d / "store"))
-    run_cache(load_config(cfg), log=lambda *a: None, progress=False)
-    return d, fx
+    return cache_tiny_store(tmp_path_factory.mktemp("resample"))
 
 
 def _config(cached, name, dictionaries, steps=60):
@@ -217,14 +213,7 @@ def test_training_batches_are_untouched_and_a_resumed_run_resamples_identically(
 
     cfg = _config(cached, "cut", [RELU])
     cut = _spy(monkeypatch)
-    real_step = T.train_step
-
-    def dying(m, x, step, *rest):
-        if step == 37:
-            raise KeyboardInterrupt
-        return real_step(m, x, step, *rest)
-
-    monkeypatch.setattr(T, "train_step", dying)
+    interrupt_training_at(monkeypatch, 37)
     with pytest.raises(KeyboardInterrupt):
         T.run_train(cfg, **quiet)
     monkeypatch.undo()

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from mdiff.config import load_config
-from mdiff.tiny import build_fixture, write_config
 from mdiff.tiny import train_section as tiny_train_section
+from mdiff.tiny import write_config
 from pipeline import store as S
-from pipeline.cache import run_cache
+from tests.support import cache_tiny_store, interrupt_training_at
 from trainer import checkpoint as ckpt
 from trainer import train as T
 from trainer.dictionaries import Dictionary, load_dictionary
@@ -36,12 +36,7 @@ JUMP = {"name": "jump", "architecture": "jumprelu", "n_latents": 64, "l0_coeffic
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
     """One cached store with three tiny models, shared by the tests (training only reads it)."""
-    d = tmp_path_factory.mktemp("train")
-    fx = build_fixture(d, archs=("llama",), seeds=(0, 1, 2), n_docs=600, d_model=32, n_layers=3)
-    cfg = write_config(d / "cache.toml", fx, n_tokens=8192, hooks=((1, "resid_post"),),
-                       store=str(d / "store"))
-    run_cache(load_config(cfg), log=lambda *a: None, progress=False)
-    return d, fx
+    return cache_tiny_store(tmp_path_factory.mktemp("train"), seeds=(0, 1, 2))
 
 
 def config_with(cached, name, train) -> Path:
@@ -135,15 +130,7 @@ def test_resume_is_bit_identical(cached, monkeypatch):
                        progress=False)
 
     cfg = load_config(config_with(cached, "cut", sweep))
-    real_step, calls = T.train_step, {"n": 0}
-
-    def dying_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2 * 47:  # two dictionaries per step: dies during step 48
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(T, "train_step", dying_step)
+    real_step = interrupt_training_at(monkeypatch, 47)  # dies at step 48 (1-based), after checkpoint 45
     with pytest.raises(KeyboardInterrupt):
         T.run_train(cfg, log=lambda *a: None, progress=False)
     monkeypatch.setattr(T, "train_step", real_step)

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mdiff.config import load_config, parse_config
-from mdiff.tiny import build_fixture, write_config
 from mdiff.tiny import train_section as tiny_train_section
-from pipeline.cache import run_cache
+from mdiff.tiny import write_config
 from pipeline.typed_config import ConfigError
+from tests.support import cache_tiny_store, interrupt_training_at
 from trainer import resample as R
 from trainer import train as T
 from trainer import variants as V
@@ -272,11 +272,7 @@ MERGE = {"name": "merge", "architecture": "relu", "n_latents": 128, "l1_coeffici
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    d = tmp_path_factory.mktemp("variants")
-    fx = build_fixture(d, archs=("llama",), seeds=(0, 1), n_docs=600, d_model=32, n_layers=3)
-    cfg = write_config(d / "cache.toml", fx, n_tokens=8192, hooks=((1, "resid_post"),), store=str(d / "store"))
-    run_cache(load_config(cfg), log=lambda *a: None, progress=False)
-    return d, fx
+    return cache_tiny_store(tmp_path_factory.mktemp("variants"))
 
 
 def _config(cached, name):
@@ -370,14 +366,7 @@ def test_each_variant_trains_as_defined_and_resumes_identically(cached, monkeypa
 
     # a run cut at step 22 (between checkpoints and log lines) and resumed ends identical
     cfg = _config(cached, "cut")
-    real_step = T.train_step
-
-    def dying(m, x, step, *rest):
-        if step == 22:
-            raise KeyboardInterrupt
-        return real_step(m, x, step, *rest)
-
-    monkeypatch.setattr(T, "train_step", dying)
+    real_step = interrupt_training_at(monkeypatch, 22)
     with pytest.raises(KeyboardInterrupt):
         T.run_train(cfg, **quiet)
     monkeypatch.setattr(T, "train_step", real_step)
