@@ -117,10 +117,14 @@ def logits_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
 class VariantLosses:
     """Sums over the scored predictions of b sequences, per variant (float64, on the CPU)."""
 
-    nll: Tensor  # [V]: sum of -log p(next token)
+    nll_per_sequence: Tensor  # [V, b]: sum of -log p(next token) per sequence (a standard error's units)
     kl: Tensor  # [V]: sum of KL(p_variant0 || p_variant) (0 for variant 0)
     count: int  # predictions scored per variant
-    nll_per_sequence: Tensor  # [V, b]: the nll sums of each sequence (the units of a standard error)
+
+    @property
+    def nll(self) -> Tensor:
+        """[V]: sum of -log p(next token) over all b sequences."""
+        return self.nll_per_sequence.sum(1)
 
 
 def variant_losses(model: nn.Module, final: Tensor, ids: Tensor, n_variants: int) -> VariantLosses:
@@ -134,19 +138,17 @@ def variant_losses(model: nn.Module, final: Tensor, ids: Tensor, n_variants: int
     logits = logits_fn(model)
     vocab = model.get_output_embeddings().weight.shape[0]
     step = max(1, _LOGIT_ELEMENTS // vocab)
-    nll, kl = [], []  # float32 sums per chunk, added up in float64 on the CPU at the end
-    per_seq = torch.zeros(n_variants, b, device=h.device)  # a few hundred terms each: float32 holds
+    kl = []  # float32 sums per chunk, added up in float64 on the CPU at the end
+    nll = torch.zeros(n_variants, b, device=h.device)  # per sequence: T - 2 terms each, float32 holds
     for lo in range(0, h.shape[1], step):
         logp = torch.log_softmax(logits(h[:, lo:lo + step]), dim=-1)  # [V, R, vocab]
         tgt = targets[lo:lo + step]
         per_pred = -logp.gather(-1, tgt.expand(n_variants, -1)[..., None]).squeeze(-1)  # [V, R]
-        nll.append(per_pred.sum(1))
         seq = torch.arange(lo, lo + per_pred.shape[1], device=h.device) // (t - 2)
-        per_seq.index_add_(1, seq, per_pred)
+        nll.index_add_(1, seq, per_pred)
         # KL(p0 || pj) = sum p0 (log p0 - log pj) per prediction, exactly 0 where log pj equals
         # log p0 bit for bit; clamped at 0 since rounding can make a near-zero KL slightly negative
         # in place on log pj (j >= 1, no longer needed): no [V-1, R, vocab] temporaries
         per_token = logp[1:].neg_().add_(logp[0]).mul_(logp[0].exp()).sum(-1)  # [V-1, R]
         kl.append(F.pad(per_token.clamp_min(0).sum(1), (1, 0)))  # variant 0: exactly 0
-    return VariantLosses(torch.stack(nll).cpu().double().sum(0),
-                         torch.stack(kl).cpu().double().sum(0), b * (t - 2), per_seq.cpu().double())
+    return VariantLosses(nll.cpu().double(), torch.stack(kl).cpu().double().sum(0), b * (t - 2))
