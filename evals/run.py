@@ -25,6 +25,31 @@ def eval_dir(cfg: ExperimentConfig) -> Path:
     return Path(ev.out_dir) if ev.out_dir else Path(cfg.train.out_dir) / "eval"
 
 
+def _num(value, spec: str) -> str:
+    """A metric for the log; None where splice.json holds null (a NaN: e.g. a standard error of
+    one sequence)."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def summary_lines(name: str, metrics: dict, diff: dict) -> list[str]:
+    """What the log says of one evaluated dictionary: the splice (ΔCE with its standard error over
+    the spliced sequences, and the EV of those tokens) and the EV of the typical stored rows."""
+    dead = "unknown" if metrics["dead_latents"] is None else metrics["dead_latents"]
+    per_model = ", ".join(
+        f"{m}: ΔCE {_num(v['ce_diff'], '.4f')} ± {_num(v['ce_diff_stderr'], '.4f')} "
+        f"CE recovered {_num(v['ce_loss_score'], '.3f')} EV {_num(v['explained_variance'], '.3f')}"
+        for m, v in metrics["per_model"].items())
+    lines = [f"  {name}: L0 {_num(metrics['l0'], '.1f')}, dead in training {dead}, silent on eval "
+             f"{metrics['silent_on_eval']} (on {metrics['silent_on_eval_tokens']} tokens), {per_model} "
+             "(EV of the spliced tokens, high-norm ones included)"]
+    stored = {m: g.get("typical") for m, g in (diff.get("reconstruction_by_source") or {}).items()}
+    if stored and all(stored.values()):
+        lines.append(f"  {name}: EV on the stored validation rows, typical tokens (high-norm ones apart in "
+                     "diff.json): " + ", ".join(f"{m} {_num(g['explained_variance'], '.3f')} ({g['tokens']:,} tokens)"
+                                                for m, g in stored.items()))
+    return lines
+
+
 def run_eval(cfg: ExperimentConfig, progress: bool = True, log=print,
              dict_dirs: list[str | Path] | None = None) -> dict[str, dict]:
     """Evaluate the [train] section's dictionaries, or the dictionary folders `dict_dirs` (e.g.
@@ -65,18 +90,8 @@ def run_eval(cfg: ExperimentConfig, progress: bool = True, log=print,
         results[name]["browser"] = build_browser(dict_dir, cfg, ev, out / name, spec=ev.browser, tokenizer=tokenizer,
                                                  device=device, progress=progress, models_cache=models_cache,
                                                  log=log)
-        m = splice["metrics"]
-        per_model = m["per_model"]
-        dead = "unknown" if m["dead_latents"] is None else m["dead_latents"]
-        log(f"  {name}: L0 {m['l0']:.1f}, dead in training {dead}, silent on eval "
-            f"{m['silent_on_eval']} (on {m['silent_on_eval_tokens']} tokens), "
-            + ", ".join(f"{m}: ΔCE {v['ce_diff']:.4f} ± {v['ce_diff_stderr']:.4f} CE recovered {v['ce_loss_score']:.3f} "
-                        f"EV {v['explained_variance']:.3f}" for m, v in per_model.items())
-            + " (EV of the spliced tokens, high-norm ones included)")
-        stored = {m: g.get("typical") for m, g in (diff.get("reconstruction_by_source") or {}).items()}
-        if stored and all(stored.values()):
-            log(f"  {name}: EV on the stored validation rows, typical tokens (high-norm ones apart in diff.json): "
-                + ", ".join(f"{m} {g['explained_variance']:.3f} ({g['tokens']:,} tokens)" for m, g in stored.items()))
+        for line in summary_lines(name, splice["metrics"], diff):
+            log(line)
     lens = None
     if ev.diff_lens is not None:
         lens = run_difference_lens(cfg, ev.diff_lens, out / "diff_lens", progress=progress, log=log)

@@ -93,7 +93,8 @@ def write_browser(out: str | Path, *, meta: dict, index: dict, vocab: Sequence[s
     (out / "data").mkdir(parents=True, exist_ok=True)
     n_blocks = -(-meta["n_latents"] // meta["block_size"])
     meta = {**meta, "block_files": [block_file(b) for b in range(n_blocks)]}
-    files = {"assets/browser.css": CSS, "assets/format.js": FORMAT_JS, "assets/index.js": INDEX_JS, "assets/latent.js": LATENT_JS,
+    files = {"assets/browser.css": CSS, "assets/format.js": FORMAT_JS, "assets/index.js": INDEX_JS,
+             "assets/latent.js": LATENT_JS,
              "data/meta.js": as_script("MDIFF_META", meta), "data/index.js": as_script("MDIFF_INDEX", index),
              "data/vocab.js": as_script("MDIFF_VOCAB", list(vocab)),
              "index.html": index_html(title, subtitle, summary, figures), "latent.html": latent_html(title)}
